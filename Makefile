@@ -1,0 +1,70 @@
+# posttrain: every target is a thin wrapper over the `posttrain` CLI.
+# On a fresh machine, `make pipeline` or `make test` creates .venv first.
+#
+#   make pipeline            world -> base on the built-in world (each stage skipped when done)
+#   make test                the default test suite (+ ruff), ~1 minute
+#   make <stage> RECIPE=...  one stage with another recipe (default: recipes/world/<stage>.yaml)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= 2.13.0
+PT     := $(BIN)/posttrain
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test test-slow lint pipeline world base clean
+
+help:
+	@echo "make pipeline   set up .venv, then run every stage on the built-in world"
+	@echo "make test       set up .venv, then run the test suite and ruff"
+	@echo "make test-slow  the long end-to-end tests (minutes each)"
+	@echo "make world      generate runs/world/data"
+	@echo "make base       pretrain the world's base GPT (runs/world/base)"
+	@echo "make clean      delete runs/ (keeps .venv)"
+
+setup: $(VENV)/.installed
+
+# torch first, so the project's torch range is already met and pip never pulls a multi-GB CUDA
+# build onto a machine without a CUDA GPU. Without one: the CPU wheel from a local find-links
+# folder, else from PyTorch's CPU index, else plain PyPI (macOS wheels are CPU-only anyway).
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch==$(TORCH) (CUDA build)"; \
+		$(BIN)/pip install --quiet "torch==$(TORCH)"; \
+	else \
+		echo "no CUDA GPU: installing torch==$(TORCH) (CPU build)"; \
+		$(BIN)/pip install --quiet "torch==$(TORCH)+cpu" 2>/dev/null \
+		|| $(BIN)/pip install --quiet "torch==$(TORCH)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu \
+		|| $(BIN)/pip install --quiet "torch==$(TORCH)"; \
+	fi
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+	$(BIN)/ruff check posttrain tests
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+lint: setup
+	$(BIN)/ruff check posttrain tests
+
+# --- the built-in world ---------------------------------------------------------------------------
+
+world: setup
+	$(PT) world $(if $(RECIPE),$(RECIPE),recipes/world/world.yaml)
+
+base: world
+	$(PT) pretrain $(if $(RECIPE),$(RECIPE),recipes/world/base.yaml)
+
+pipeline: base
+	@echo "pipeline done: runs/world/base (summary: runs/world/base/summary.json)"
+
+clean:
+	rm -rf runs

@@ -1,0 +1,325 @@
+"""Recipes: one YAML file per stage, validated before anything heavy starts.
+
+A recipe has the sections every stage shares (`model`, `data`, `train`, `output_dir`, `seed`,
+`logging`) and one section named after its stage (`pretrain:`, `sft:`, ...) for what only that stage
+reads. Loading is `yaml.safe_load` (a recipe never runs code); `--set a.b=value` overrides are parsed
+as YAML scalars and type-checked like the file. Every error is one line that names the file, the
+line where it can be found, the key, and a fix.
+
+Paths in a recipe are relative to the directory you run `posttrain` from (the repository root when
+you use `make`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from posttrain.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- shared sections -------------------------------------------------------------------------------
+
+
+class LoraConfig(Section):
+    """LoRA adapters (peft). Omit `model.lora` for full fine-tuning."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class GPTConfig(Section):
+    """A GPT-2 architecture, for training from scratch (`pretrain` only)."""
+
+    n_layer: int = Field(4, gt=0)
+    n_embd: int = Field(256, gt=0)
+    n_head: int = Field(4, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> GPTConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelSection(Section):
+    path: str | None = None  # hub id, local HF dir, run dir, or nanoGPT .pt
+    config: GPTConfig | None = None  # architecture when training from scratch
+    chat_template: str | None = None  # a Jinja file, e.g. data_templates/chatml.jinja
+    lora: LoraConfig | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 where supported
+    gradient_checkpointing: bool = False
+
+
+DataFormat = Literal["auto", "text", "classification", "messages", "prompt_completion", "preference", "prompts"]
+
+
+class DataSection(Section):
+    train: str  # local file (JSONL/JSON/CSV/TSV/Parquet) or hub dataset name
+    eval: str | None = None
+    format: DataFormat = "auto"
+    max_length: int = Field(256, gt=0)
+    limit: int | None = Field(None, gt=0)  # use only the first N training rows
+    columns: list[str] | None = None  # column names for CSV/TSV files without a header row
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # overrides epochs
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, gt=0)  # per process
+    grad_accum: int = Field(1, gt=0)
+    warmup: float = Field(0.0, ge=0)  # a fraction of the steps if < 1, else a number of steps
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    packing: bool = False  # SFT only
+    eval_every: int | None = Field(None, gt=0)  # steps; default: once at the end
+    save_every: int = Field(500, gt=0)  # checkpoint interval in steps, for resume
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class LoggingSection(Section):
+    every: int = Field(10, gt=0)  # steps between metrics.jsonl lines
+    tensorboard: bool = True
+
+
+class Recipe(Section):
+    stage: str
+    output_dir: str
+    seed: int = 0
+    logging: LoggingSection = LoggingSection()
+
+    # Relative paths in the recipe that must exist before the stage can start (dotted keys).
+    input_paths: ClassVar[tuple[str, ...]] = ()
+
+    def paths(self) -> dict[str, str]:
+        """{dotted key: path} for every input path the recipe sets."""
+        out = {}
+        for key in self.input_paths:
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part, None)
+            if value:
+                out[key] = value
+        return out
+
+
+# --- stages ------------------------------------------------------------------------------------------
+
+
+class WorldSection(Section):
+    people: int = Field(240, gt=0)
+    heldout_fraction: float = Field(0.25, ge=0, lt=1)
+    bios_per_person: int = Field(6, gt=0)
+    skill_docs: int = Field(500, ge=0)
+    p_wrong: float = Field(0.08, ge=0, le=1)
+    p_sycophant: float = Field(0.75, ge=0, le=1)
+    p_ramble: float = Field(0.25, ge=0, le=1)
+    p_rude: float = Field(0.08, ge=0, le=1)
+    p_comply_harmful: float = Field(0.6, ge=0, le=1)
+    p_refuse_benign: float = Field(0.05, ge=0, le=1)
+
+
+class WorldRecipe(Recipe):
+    stage: Literal["world"]
+    world: WorldSection = WorldSection()
+
+
+class TokenizerSection(Section):
+    path: str | None = None  # an existing tokenizer directory; default: train a byte-level BPE
+    vocab_size: int = Field(4096, ge=300)  # for a trained BPE: an upper bound (small corpora stop earlier)
+    min_frequency: int = Field(2, gt=0)
+
+
+class PretrainSection(Section):
+    tokenizer: TokenizerSection = TokenizerSection()
+    probe: str | None = None  # raw-text fact probes (prompt, answer) scored at the end
+    shuffle_epochs: int = Field(64, gt=0)  # distinct document shufflings cut into blocks
+
+
+class PretrainRecipe(Recipe):
+    stage: Literal["pretrain"]
+    model: ModelSection = ModelSection(config=GPTConfig())
+    data: DataSection
+    train: TrainSection = TrainSection()
+    pretrain: PretrainSection = PretrainSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "pretrain.tokenizer.path", "pretrain.probe")
+
+    @model_validator(mode="after")
+    def _model_source(self) -> PretrainRecipe:
+        if (self.model.path is None) == (self.model.config is None):
+            raise ValueError("model: set exactly one of model.config (train from scratch) or model.path (continue)")
+        return self
+
+
+STAGES: dict[str, type[Recipe]] = {
+    "world": WorldRecipe,
+    "pretrain": PretrainRecipe,
+}
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises UserError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; recipes live in recipes/ (e.g. recipes/world/sft.yaml)")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: YAML syntax error: {problem}; fix the YAML at that line") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    for item in overrides:
+        apply_override(raw, item)
+    name = raw.get("stage")
+    if stage is not None and name != stage:
+        raise UserError(f"{path}: this is a {name!r} recipe, but `posttrain {stage}` needs stage: {stage}")
+    cls = STAGES.get(name)
+    if cls is None:
+        hint = _did_you_mean(str(name), STAGES)
+        raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {name!r}{hint}; stages: {', '.join(STAGES)}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_explain(e, cls, path, text)) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override to the raw recipe dict; the value is a YAML scalar."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {item!r}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) -> str:
+    errors = e.errors()
+    err = errors[0]
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(loc) or "(recipe)"
+    where = f"{path}:{_line(text, loc)}"
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(cls, loc[:-1])
+        hint = _did_you_mean(loc[-1], known) or (f"; known keys here: {', '.join(known)}" if known else "")
+        return f"{where}: unknown key {key}{hint}{more}"
+    if err["type"] == "missing":
+        return f"{where}: missing required key {key}; add it to the recipe{more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{where}: {key}: {msg}{shown}{more}"
+
+
+def _did_you_mean(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Field names of the (sub)section at `loc`, for did-you-mean on unknown keys."""
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _line(text: str, loc: tuple[str, ...]) -> int:
+    """The 1-based line where the deepest existing key of `loc` appears in the YAML text (1 if none)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return 1
+    line = 1
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+# --- input checks ---------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_hub_id(value: str) -> bool:
+    """A hub model or dataset name ("gpt2", "openai-community/gpt2"), as opposed to a local path."""
+    if Path(value).exists() or value.startswith(("runs/", "./", "../", "/", "~")):
+        return False
+    return bool(_HUB_ID.match(value)) and not value.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pt", ".yaml"))
+
+
+def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
+    """Check that every input path exists (and every run directory is finished). Returns notes;
+    raises UserError on the first problem."""
+    notes = []
+    for key, value in recipe.paths().items():
+        p = Path(value)
+        if p.exists():
+            if p.is_dir() and (p / "recipe.yaml").exists() and not (p / "DONE").exists():
+                raise UserError(f"{key}: {value} is an unfinished run (no DONE file); finish or rerun that stage first")
+            continue
+        if is_hub_id(value):
+            notes.append(f"{key}: {value} is a Hugging Face Hub name" + (" (not checked offline)" if offline else ""))
+            continue
+        hint = " (run `make world` to generate the world data)" if "runs/world/data" in value else ""
+        raise UserError(f"{key}: {value} does not exist{hint}")
+    return notes

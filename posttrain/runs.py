@@ -1,0 +1,197 @@
+"""The run directory every stage writes, and its life cycle.
+
+    runs/<name>/<stage>/
+      recipe.yaml      the resolved recipe            metrics.jsonl   one line per logged step
+      summary.json     final metrics, flat keys       README.md       model card
+      tensorboard/     TensorBoard event files        plots/*.png     curves and charts
+      checkpoints/     for resume (last K kept)       DONE            written last
+
+A directory without DONE is incomplete: later stages refuse it, and running the same recipe again
+resumes it from its last checkpoint. While a run writes, it holds an exclusive lock on `.lock`, so a
+second run into the same directory is refused instead of corrupting the first. Only the main process
+(rank 0) writes anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from posttrain.errors import UserError
+from posttrain.recipe import Recipe
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+class AlreadyDone(Exception):
+    """The output directory already holds a finished run of this exact recipe."""
+
+
+class Run:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.dir = Path(recipe.output_dir)
+        self.main = is_main_process()
+        self._lock_file = None
+        self._tb = None
+        self.started = time.time()
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self, force: bool = False) -> Run:
+        """Claim the directory: skip if already done, resume if unfinished, else start fresh."""
+        text = recipe_yaml(self.recipe)
+        saved = self.dir / "recipe.yaml"
+        if (self.dir / "DONE").exists() and not force:
+            if saved.exists() and saved.read_text() == text:
+                raise AlreadyDone(str(self.dir))
+            raise UserError(
+                f"{self.dir} holds a finished run of a different recipe; pass --force to replace it or set another output_dir"
+            )
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            if force or (saved.exists() and saved.read_text() != text):
+                if saved.exists() and not force:
+                    raise UserError(
+                        f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"
+                    )
+                self._clear()
+            write_atomic(saved, text)
+        return self
+
+    def _lock(self) -> None:
+        f = open(self.dir / ".lock", "a+")  # noqa: SIM115 - held open for the life of the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{self.dir} is in use by a running job ({holder}); wait for it or set another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        self._lock_file = f
+
+    def _clear(self) -> None:
+        for child in self.dir.iterdir():
+            if child.name == ".lock":
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (checkpoints are renamed into place only once written)."""
+        if not self.checkpoints.is_dir():
+            return None
+        done = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint to resume from, with metrics.jsonl cut back to that step."""
+        ckpt = self.last_checkpoint()
+        if ckpt is not None and self.main:
+            step = int(ckpt.name.split("-")[-1])
+            self.truncate_metrics(step)
+            print(f"resuming {self.dir} from {ckpt.name}")
+        return ckpt
+
+    def truncate_metrics(self, step: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            write_atomic(path, "".join(line + "\n" for line in keep))
+
+    # -- outputs ---------------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One metrics line (metrics.jsonl) and the same scalars in TensorBoard."""
+        if not self.main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with (self.dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.recipe.logging.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def plots_dir(self) -> Path:
+        p = self.dir / "plots"
+        p.mkdir(exist_ok=True)
+        return p
+
+    def finish(self, summary: dict, card: str) -> None:
+        """Write summary.json and the model card, then DONE, last."""
+        if not self.main:
+            return
+        summary = {k: _plain(v) for k, v in summary.items()}
+        summary.setdefault("seconds", round(time.time() - self.started, 1))
+        write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_atomic(self.dir / "README.md", card)
+        if self._tb is not None:
+            self._tb.close()
+        write_atomic(self.dir / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+
+def _plain(v):
+    """JSON-friendly scalars (tensors and numpy numbers become floats)."""
+    if hasattr(v, "item") and callable(v.item):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v
+
+
+def require_done(path: str | Path, key: str) -> Path:
+    """A run directory that a stage reads from must be finished."""
+    p = Path(path)
+    if p.is_dir() and (p / "recipe.yaml").exists() and not (p / "DONE").exists():
+        raise UserError(f"{key}: {p} is an unfinished run (no DONE file); finish or rerun that stage first")
+    return p
+
+
+def model_card(title: str, recipe: Recipe, summary: dict, notes: str = "") -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
+    return (
+        f"# {title}\n\n{notes}\n\n## Final metrics\n\n| key | value |\n|---|---|\n{rows}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe_yaml(recipe)}```\n"
+    )

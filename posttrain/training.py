@@ -1,0 +1,188 @@
+"""What every Trainer-based stage shares: arguments from the recipe, logging into the run directory,
+a progress display, checkpoints that appear atomically, and resume.
+
+Stages built on the Hugging Face `Trainer` or a TRL trainer (pretrain, classify, sft, reward, dpo)
+call `trainer_kwargs()` for their config, wrap their trainer class with `atomic_checkpoints()`, and
+run it with `fit()`. PPO has its own loop and uses the same Run for logging and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from posttrain.recipe import Recipe
+from posttrain.runs import Run
+
+
+def use_bf16(recipe_dtype: str) -> bool:
+    """bf16 only where the hardware does it well; fp32 on CPU (bf16 matmul is ~200x slower there)."""
+    if recipe_dtype == "bfloat16":
+        return True
+    if recipe_dtype in ("float32", "float16"):
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
+    """Keyword arguments for `TrainingArguments` or any TRL config, from the shared recipe sections."""
+    t = recipe.train
+    model = getattr(recipe, "model", None)
+    dtype = model.dtype if model is not None else "auto"
+    kwargs = dict(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        warmup_steps=t.warmup,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=use_bf16(dtype),
+        fp16=dtype == "float16",
+        logging_steps=recipe.logging.every,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.keep_checkpoints,
+        eval_strategy="steps" if t.eval_every else "no",
+        eval_steps=t.eval_every,
+        report_to=[],  # metrics go to the run directory (metrics.jsonl + TensorBoard) by MetricsCallback
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=bool(model is not None and model.gradient_checkpointing),
+    )
+    kwargs.update(extra)
+    return kwargs
+
+
+class MetricsCallback(TrainerCallback):
+    """Forward the Trainer's logs to the run directory and draw progress."""
+
+    def __init__(self, run: Run, total_steps: int | None = None):
+        self.run = run
+        self.progress = Progress(total_steps)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.progress.start(state.max_steps, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if logs:
+            self.run.log(state.global_step, logs)
+            self.progress.note(logs)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.progress.update(state.global_step)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.progress.stop()
+
+
+class Progress:
+    """A live bar on a terminal; on a pipe or in CI, one line roughly every 5% of the run."""
+
+    def __init__(self, total: int | None = None, label: str = "train"):
+        self.total, self.label = total, label
+        self.tty = sys.stdout.isatty()
+        self.last: dict = {}
+        self._bar = None
+        self._t0 = time.time()
+        self._step0 = 0
+        self._next_print = 0
+
+    def start(self, total: int, step: int = 0) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        self.total, self._step0, self._t0 = total, step, time.time()
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=total, completed=step, info="")
+
+    def note(self, logs: dict) -> None:
+        self.last.update(logs)
+
+    def info(self) -> str:
+        keys = [k for k in ("loss", "eval_loss", "learning_rate", "reward", "gold", "kl") if k in self.last]
+        return "  ".join(f"{k.replace('learning_rate', 'lr')} {self.last[k]:.4g}" for k in keys)
+
+    def update(self, step: int) -> None:
+        if int(os.environ.get("RANK", "0")) != 0 or not self.total:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=self.info())
+        elif step >= self._next_print or step == self.total:
+            done = step - self._step0
+            rate = done / max(time.time() - self._t0, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else 0
+            print(f"{self.label} step {step}/{self.total}  {self.info()}  eta {eta:.0f}s", flush=True)
+            self._next_print = step + max(1, self.total // 20)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def atomic_checkpoints(trainer_cls: type) -> type:
+    """A subclass of `trainer_cls` whose checkpoints are written into a staging directory and renamed
+    into place when complete, so a run killed mid-save never leaves a half checkpoint to resume from."""
+
+    class Atomic(trainer_cls):
+        def _save_checkpoint(self, model, trial):
+            root = self.args.output_dir
+            staging = os.path.join(root, ".staging")
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = root
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                final = os.path.join(root, name)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(os.path.join(staging, name), final)
+                rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+            self.accelerator.wait_for_everyone()
+
+    Atomic.__name__ = Atomic.__qualname__ = trainer_cls.__name__
+    return Atomic
+
+
+def build_trainer(trainer_cls: type, run: Run, **kwargs):
+    """`trainer_cls(**kwargs)` with atomic checkpoints, logging into `run`, and our progress display
+    instead of the Trainer's printed dicts."""
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run)]
+    trainer = atomic_checkpoints(trainer_cls)(**kwargs)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def fit(trainer, run: Run) -> dict:
+    """Train, resuming from the run's last complete checkpoint if there is one. Returns train metrics."""
+    ckpt = run.resume_from()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    return dict(out.metrics)

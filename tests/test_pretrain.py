@@ -1,0 +1,57 @@
+"""The pretrain stage: a real (tiny) GPT-2 trained from scratch, saved as a standard HF directory."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import cli, write
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def test_loss_falls_and_the_saved_model_reloads_and_generates(tiny_base):
+    assert (tiny_base / "DONE").exists() and (tiny_base / "model.safetensors").exists()
+    losses = [r["loss"] for r in map(json.loads, (tiny_base / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[0] > 5.0 and losses[-1] < losses[0] - 2.0
+    summary = json.loads((tiny_base / "summary.json").read_text())
+    assert 0.0 <= summary["fact_recall"] <= 1.0 and "fact_recall_heldout" in summary
+    assert (tiny_base / "plots" / "loss.png").stat().st_size > 1000
+    assert (tiny_base / "tensorboard").is_dir() and "fact_recall" in (tiny_base / "README.md").read_text()
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    assert tok.pad_token_id != tok.eos_token_id  # padding can never hide a trained end token
+    ids = tok("Ada", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_same_recipe_and_seed_give_the_same_loss(tiny_base, tmp_path):
+    recipe = (tiny_base.parent / "base.yaml").read_text().replace(str(tiny_base), str(tmp_path / "again"))
+    cli("pretrain", str(write(tmp_path / "again.yaml", recipe)), check=True)
+    a = json.loads((tiny_base / "summary.json").read_text())
+    b = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert a["final_loss"] == b["final_loss"] and a["fact_recall"] == b["fact_recall"]
+
+
+def test_rerun_is_skipped_and_a_changed_recipe_is_refused(tiny_base):
+    recipe = tiny_base.parent / "base.yaml"
+    proc = cli("pretrain", str(recipe))
+    assert proc.returncode == 0 and "already done" in proc.stdout
+    proc = cli("pretrain", str(recipe), "--set", "train.lr=1e-3")
+    assert proc.returncode == 2 and "different recipe" in proc.stderr and "--force" in proc.stderr
+
+
+def test_bad_data_fails_cleanly_without_an_output_dir(tmp_path):
+    write(tmp_path / "c.jsonl", '{"text": "fine"}\n{"txt": "oops"}\n')
+    recipe = write(tmp_path / "r.yaml", f"""\
+stage: pretrain
+model: {{config: {{n_layer: 1, n_embd: 32, n_head: 2}}}}
+data: {{train: {tmp_path / 'c.jsonl'}, max_length: 16}}
+output_dir: {tmp_path / 'out'}
+""")
+    proc = cli("pretrain", str(recipe))
+    assert proc.returncode == 2
+    assert "c.jsonl:2: row is missing 'text'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
