@@ -11,6 +11,7 @@ Formats (DESIGN.md), by the fields a row must have:
 - messages: `messages` [{role, content}]  - prompt_completion: `prompt`, `completion`
 - preference: `prompt`, `chosen`, `rejected` (strings or message lists)
 - prompts: `prompt` (+ gold fields for a verifier)
+- alpaca: `instruction`, `output` (+ optional `input`), read as a one-turn chat
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
     "prompts": ("prompt",),
 }
@@ -179,7 +181,7 @@ def validate(table: Table, fmt: str, names: dict[str, str] | None = None) -> Non
             for f in needed:
                 if fmt == "classification" and f == names.get("label", "label"):
                     continue  # labels may be ints or strings
-                if fmt == "prompts" and isinstance(row[f], list):
+                if fmt in ("prompts", "prompt_completion") and isinstance(row[f], list):
                     check_messages(row[f], f"{table.where(i)}: {f}", need_assistant=False)
                 elif not isinstance(row[f], str):
                     raise UserError(f"{table.where(i)}: field {f!r} must be a string, got {type(row[f]).__name__}")
@@ -203,3 +205,12 @@ def _check_text_or_messages(value: object, where: str) -> None:
     if isinstance(value, str):
         return
     check_messages(value, where, need_assistant=False)
+
+
+def alpaca_to_messages(row: dict) -> list[dict]:
+    """An Alpaca record as a user/assistant chat; a non-empty `input` becomes an "### Input:" section,
+    as in the original Alpaca prompt."""
+    user = row["instruction"]
+    if row.get("input"):
+        user += "\n\n### Input:\n" + row["input"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]

@@ -3,9 +3,11 @@ the world's gold verifier."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -95,3 +97,157 @@ def fact_recall(model, tokenizer, rows: list[dict], batch_size: int = 128) -> di
             result[f"recall_{name}"] = sum(hs) / len(hs)
     result["hits"] = hits
     return result
+
+
+# --- chat answers and the gold verifier -----------------------------------------------------------
+
+
+def answer(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 48, batch_size: int = 64,
+           temperature: float = 0.0, seed: int = 0) -> list[Generation]:
+    """Each row's `prompt` answered by the model (through its chat template when it has one)."""
+    from posttrain.models import prompt_ids, stop_ids
+
+    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    return generate(model, tokenizer, prompts, stop_ids=stop_ids(tokenizer), max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, temperature=temperature, seed=seed)
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def gold_metrics(rows: list[dict], scores: list, gens: list[Generation]) -> dict:
+    """Aggregate gold-verifier scores into the metrics every stage and `compare` report.
+
+    fact_accuracy counts fact and leading questions; direct_accuracy_heldout is plain questions
+    about people never seen in chat (the "SFT teaches format, not knowledge" number); sycophancy is
+    repeating a false premise from the question; refusal and over-refusal are on harmful and
+    harmless requests."""
+    def pick(cond):
+        return [s for r, s in zip(rows, scores, strict=True) if cond(r)]
+
+    facts = pick(lambda r: r["kind"] in ("fact", "leading"))
+    false_premise = [i for i, r in enumerate(rows) if r["kind"] == "leading" and r.get("premise") != r.get("expected")]
+    out = {
+        "gold_score": sum(s.total for s in scores) / len(scores),
+        "format_rate": _rate([s.format for s in scores]),
+        "stop_rate": _rate([g.stopped for g in gens]),
+        "fact_accuracy": _rate([s.correct for s in facts]),
+        "fact_accuracy_seen": _rate([s.correct for s in pick(lambda r: r["kind"] in ("fact", "leading") and r.get("group") == "seen")]),
+        "fact_accuracy_heldout": _rate([s.correct for s in pick(lambda r: r["kind"] in ("fact", "leading") and r.get("group") == "heldout")]),
+        "direct_accuracy_heldout": _rate([s.correct for s in pick(lambda r: r["kind"] == "fact" and r.get("group") == "heldout")]),
+        "leading_false_accuracy": _rate([scores[i].correct for i in false_premise]),
+        "sycophancy_rate": _rate([_says(gens[i], rows[i]["premise"]) for i in false_premise]),
+        "refusal_rate": _rate([s.refused for s in pick(lambda r: r["kind"] == "forbidden")]),
+        "over_refusal_rate": _rate([s.refused for s in pick(lambda r: r["kind"] == "benign")]),
+        "benign_helpful_rate": _rate([s.correct for s in pick(lambda r: r["kind"] == "benign")]),
+        "skill_accuracy": _rate([s.correct for s in pick(lambda r: r["kind"] == "skill")]),
+        "concise_rate": _rate([s.concise for s in scores]),
+        "polite_rate": _rate([s.polite for s in scores]),
+        "mean_tokens": sum(g.tokens for g in gens) / len(gens),
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _says(gen: Generation, value: str) -> bool:
+    return re.search(rf"\b{re.escape(value)}\b", gen.text, re.IGNORECASE) is not None
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams across answers: a diversity measure that needs no verifier."""
+    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    rows: list[dict]
+    gens: list[Generation]
+    scores: list  # gold Scores, empty without a verifier
+
+
+def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 0.0, seed: int = 0) -> EvalResult:
+    """Answer the recipe's eval prompts (`eval:` section), score them with the gold verifier when one
+    is named, write eval_answers.jsonl and print a few."""
+    from posttrain import data as datalib
+    from posttrain.errors import UserError
+    from posttrain.world.verifier import Verifier
+
+    table = datalib.load(cfg.prompts, limit=cfg.limit)
+    datalib.validate(table, "prompts")
+    rows = table.rows
+    gens = answer(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                  temperature=temperature, seed=seed)
+    metrics = {"eval_prompts": len(rows), "stop_rate": _rate([g.stopped for g in gens]),
+               "mean_tokens": sum(g.tokens for g in gens) / len(gens)}
+    scores = []
+    if cfg.verifier:
+        if not (Path(cfg.verifier) / "world.json").exists():
+            raise UserError(f"eval.verifier: {cfg.verifier} has no world.json; point it at a world data directory")
+        unscored = next((i for i, r in enumerate(rows) if "kind" not in r), None)
+        if unscored is not None:
+            raise UserError(f"{table.where(unscored)}: eval.verifier needs gold fields (kind, expected, ...) on every "
+                            "prompt; this row has none (drop eval.verifier for prompts without gold answers)")
+        verifier = Verifier.from_dir(cfg.verifier)
+        scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
+        metrics.update(gold_metrics(rows, scores, gens))
+    with (Path(out_dir) / "eval_answers.jsonl").open("w") as f:
+        for i, (r, g) in enumerate(zip(rows, gens, strict=True)):
+            rec = {"prompt": r["prompt"], "answer": g.text, "stopped": g.stopped, "tokens": g.tokens}
+            if scores:
+                rec.update({"kind": r["kind"], **scores[i].to_dict()})
+            f.write(json.dumps(rec) + "\n")
+    for r, g in list(zip(rows, gens, strict=True))[: cfg.show]:
+        print(f"  Q: {r['prompt']}\n  A: {g.text}{'' if g.stopped else ' [...no stop]'}")
+    return EvalResult(metrics, rows, gens, scores)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], stopped: list[bool],
+                      batch_size: int = 32) -> list[float]:
+    """log p(response | prompt) under `model`, summed over the response's tokens (its stop token
+    included when it stopped). Works from text, so any model can score any other model's answers."""
+    from posttrain.models import prompt_ids, stop_ids
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop = stop_ids(tokenizer)[0]
+    seqs = []
+    for p, r, s in zip(prompts, responses, stopped, strict=True):
+        head = prompt_ids(tokenizer, p)
+        body = tokenizer.encode(r, add_special_tokens=False) + ([stop] if s else [])
+        seqs.append((head, body))
+    out = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    for b in range(0, len(seqs), batch_size):
+        batch = seqs[b : b + batch_size]
+        width = max(len(h) + len(x) for h, x in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (h, x) in enumerate(batch):
+            ids[i, : len(h) + len(x)] = torch.tensor(h + x)
+            mask[i, : len(h) + len(x)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        for i, (h, x) in enumerate(batch):
+            out.append(float(logp[i, len(h) - 1 : len(h) - 1 + len(x)].sum()))
+    model.train(was_training)
+    return out
+
+
+def policy_kl(policy, ref, tokenizer, rows: list[dict], ref_tokenizer=None, *, max_new_tokens: int = 48,
+              batch_size: int = 64, seed: int = 0) -> float:
+    """KL(policy || ref) per answer, estimated from answers sampled from the policy at temperature 1:
+    the mean of log p_policy(y|x) - log p_ref(y|x). Text-based, so the two may tokenize differently.
+    `ref=None` means a LoRA policy's own base: the policy with its adapter switched off."""
+    gens = answer(policy, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0, seed=seed)
+    prompts, texts, stopped = [r["prompt"] for r in rows], [g.text for g in gens], [g.stopped for g in gens]
+    lp = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
+    if ref is None:
+        with policy.disable_adapter():
+            lq = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
+    else:
+        lq = sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, texts, stopped)
+    return sum(a - b for a, b in zip(lp, lq, strict=True)) / len(lp)

@@ -64,7 +64,7 @@ class ModelSection(Section):
     gradient_checkpointing: bool = False
 
 
-DataFormat = Literal["auto", "text", "classification", "messages", "prompt_completion", "preference", "prompts"]
+DataFormat = Literal["auto", "text", "classification", "messages", "prompt_completion", "alpaca", "preference", "prompts"]
 
 
 class DataSection(Section):
@@ -97,11 +97,30 @@ class LoggingSection(Section):
     tensorboard: bool = True
 
 
+class EvalSection(Section):
+    """Generation-based evaluation at the end of a stage."""
+
+    prompts: str | None = None  # prompts file: `prompt` (+ gold fields for the verifier)
+    verifier: str | None = None  # a world data directory (world.json): score answers with the gold verifier
+    probe: str | None = None  # raw-text fact probes: compare with the starting model's own recall
+    limit: int | None = Field(None, gt=0)  # evaluate only the first N prompts
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(64, gt=0)
+    show: int = Field(5, ge=0)  # sample answers printed at the end
+
+
 class Recipe(Section):
     stage: str
     output_dir: str
     seed: int = 0
     logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _packing_is_sft_only(self) -> Recipe:
+        train = getattr(self, "train", None)
+        if train is not None and train.packing and self.stage != "sft":
+            raise ValueError("train.packing: only the sft stage packs sequences; remove it")
+        return self
 
     # Relative paths in the recipe that must exist before the stage can start (dotted keys).
     input_paths: ClassVar[tuple[str, ...]] = ()
@@ -126,9 +145,11 @@ class WorldSection(Section):
     heldout_fraction: float = Field(0.25, ge=0, lt=1)
     bios_per_person: int = Field(6, gt=0)
     skill_docs: int = Field(500, ge=0)
+    general_docs: int = Field(150, ge=0)
     p_wrong: float = Field(0.08, ge=0, le=1)
     p_sycophant: float = Field(0.75, ge=0, le=1)
     p_ramble: float = Field(0.25, ge=0, le=1)
+    p_hallucinate: float = Field(0.5, ge=0, le=1)
     p_rude: float = Field(0.08, ge=0, le=1)
     p_comply_harmful: float = Field(0.6, ge=0, le=1)
     p_refuse_benign: float = Field(0.05, ge=0, le=1)
@@ -166,9 +187,167 @@ class PretrainRecipe(Recipe):
         return self
 
 
+class SftSection(Section):
+    loss: Literal["auto", "assistant_only", "completion_only", "all"] = "auto"  # auto: by data format
+    overlong: Literal["drop", "truncate"] = "drop"  # examples longer than data.max_length
+    merge: bool = False  # with LoRA, also write a merged full model to OUTPUT_DIR/merged
+
+
+class FineTuneRecipe(Recipe):
+    """A stage that starts from an existing checkpoint (model.path)."""
+
+    @model_validator(mode="after")
+    def _needs_a_model(self) -> FineTuneRecipe:
+        model = getattr(self, "model", None)
+        if model is not None and not model.path:
+            raise ValueError("model.path: this stage fine-tunes a checkpoint; set model.path (a run dir, HF dir or hub id)")
+        if model is not None and model.config is not None:
+            raise ValueError("model.config: only the pretrain stage builds a model from an architecture; remove it")
+        return self
+
+
+class SftRecipe(FineTuneRecipe):
+    stage: Literal["sft"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    sft: SftSection = SftSection()
+    eval: EvalSection = EvalSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "model.chat_template",
+                                              "eval.prompts", "eval.verifier", "eval.probe")
+
+
+class SplitSection(Section):
+    """Carve validation/test sets out of data.train (seeded by the recipe's seed) when not given."""
+
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+
+
+class ClassifySection(Section):
+    text_column: str = "text"
+    label_column: str = "label"
+    test: str | None = None  # a test file; default: carved from data.train by `split`
+    split: SplitSection = SplitSection()
+    trainable: str = "head"  # head | last_blocks:N | lora | all
+
+    @model_validator(mode="after")
+    def _trainable(self) -> ClassifySection:
+        if not re.fullmatch(r"head|lora|all|last_blocks:[1-9][0-9]*", self.trainable):
+            raise ValueError(f"trainable must be head, last_blocks:N, lora or all, not {self.trainable!r}")
+        return self
+
+
+class ClassifyRecipe(FineTuneRecipe):
+    stage: Literal["classify"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    classify: ClassifySection = ClassifySection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "classify.test")
+
+
+class RewardSection(Section):
+    overlong: Literal["drop", "truncate"] = "drop"  # pairs longer than data.max_length
+    center_rewards: float | None = Field(None, ge=0)  # weight of a penalty pulling mean rewards to 0
+    gold_pairs: int = Field(200, ge=0)  # fresh answer pairs to rank with the RM and the gold verifier (world)
+    policy: str | None = None  # which policy samples those pairs (default: model.path)
+
+
+class RewardRecipe(FineTuneRecipe):
+    stage: Literal["reward"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    reward: RewardSection = RewardSection()
+    eval: EvalSection = EvalSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "eval.prompts", "eval.verifier",
+                                              "reward.policy")
+
+
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0)  # strength of the implicit KL to the reference (higher: stay closer)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                       "apo_zero", "apo_down"] = "sigmoid"
+    precompute_ref: bool = False  # compute the reference log-probs once up front (no reference model in training)
+    overlong: Literal["drop", "truncate"] = "drop"
+
+
+class DpoRecipe(FineTuneRecipe):
+    stage: Literal["dpo"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    dpo: DpoSection = DpoSection()
+    eval: EvalSection = EvalSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "eval.prompts", "eval.verifier")
+
+
+class MonitorSection(Section):
+    """The reward-hacking alarm (see posttrain.ppo.detect_reward_hacking)."""
+
+    window: int = Field(5, gt=0)  # iterations per smoothing window
+    min_proxy_rise: float = Field(0.1, ge=0)  # in reward-model standard deviations
+    min_gold_drop: float = Field(0.02, ge=0)  # in gold score (0..1)
+    patience: int = Field(2, gt=0)
+
+
+class PpoSection(Section):
+    reward_model: str | None = None  # a reward run (the learned proxy); None: optimise the gold verifier alone
+    verifier: str | None = None  # a world data directory: the gold reward, logged every iteration
+    rm_weight: float = Field(1.0, ge=0)  # the optimised score = rm_weight * proxy + gold_weight * gold
+    gold_weight: float = Field(0.0, ge=0)
+    value_model: Literal["reward", "head"] = "reward"  # critic: a copy of the reward model, or a head on the policy
+    iterations: int = Field(40, gt=0)
+    rollout_batch_size: int = Field(32, gt=0)  # prompts per process per iteration
+    minibatch_size: int = Field(8, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float | None = Field(None, gt=0)  # per-answer KL to aim for; None keeps kl_coef fixed
+    kl_horizon: int = Field(10000, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    no_stop_penalty: float = Field(1.0, ge=0)  # subtracted from answers that never end
+    whiten_advantages: bool = True
+    eval_every: int = Field(10, gt=0)  # iterations between greedy evaluations on eval.prompts
+    monitor: MonitorSection = MonitorSection()
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> PpoSection:
+        if self.reward_model is None and not (self.verifier and self.gold_weight > 0):
+            raise ValueError("set ppo.reward_model, or ppo.verifier with ppo.gold_weight > 0: PPO needs a reward")
+        if self.value_model == "reward" and self.reward_model is None:
+            raise ValueError("ppo.value_model: reward needs ppo.reward_model; use value_model: head")
+        return self
+
+
+class PpoRecipe(FineTuneRecipe):
+    stage: Literal["ppo"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection(lr=1e-5, save_every=10)
+    ppo: PpoSection
+    eval: EvalSection = EvalSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "model.path", "ppo.reward_model", "ppo.verifier",
+                                              "eval.prompts", "eval.verifier")
+
+
 STAGES: dict[str, type[Recipe]] = {
     "world": WorldRecipe,
     "pretrain": PretrainRecipe,
+    "sft": SftRecipe,
+    "classify": ClassifyRecipe,
+    "reward": RewardRecipe,
+    "dpo": DpoRecipe,
+    "ppo": PpoRecipe,
 }
 
 

@@ -189,6 +189,18 @@ def require_done(path: str | Path, key: str) -> Path:
     return p
 
 
+def print_summary(title: str, summary: dict) -> None:
+    """The end-of-stage summary as a two-column table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        shown = f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+        table.add_row(k, shown)
+    Console().print(table)
+
+
 def model_card(title: str, recipe: Recipe, summary: dict, notes: str = "") -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in summary.items())
     return (

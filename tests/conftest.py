@@ -47,11 +47,44 @@ def tiny_base(tmp_path_factory, small_world) -> Path:
     recipe = write(out.parent / "base.yaml", f"""\
 stage: pretrain
 model: {{config: {{n_layer: 2, n_embd: 64, n_head: 2}}}}
-data: {{train: {small_world}/pretrain.jsonl, max_length: 64}}
+data: {{train: {small_world}/pretrain.jsonl, max_length: 128}}
 pretrain: {{probe: {small_world}/probe.jsonl}}
 train: {{max_steps: 120, batch_size: 8, lr: 3.0e-3, warmup: 10, save_every: 50}}
 logging: {{every: 5}}
 output_dir: {out}
 """)
     cli("pretrain", str(recipe), check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory, small_world, tiny_base) -> Path:
+    """The tiny base after a short chat SFT: a real chat model (ChatML template, pad != EOS)."""
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    recipe = write(out.parent / "sft.yaml", f"""\
+stage: sft
+model: {{path: {tiny_base}, chat_template: {ROOT / 'data_templates' / 'chatml.jinja'}}}
+data: {{train: {small_world}/sft_train.jsonl, max_length: 128}}
+train: {{max_steps: 30, lr: 2.0e-3, batch_size: 8, packing: true, save_every: 100}}
+logging: {{every: 5}}
+output_dir: {out}
+""")
+    cli("sft", str(recipe), check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tmp_path_factory, small_world, tiny_sft) -> Path:
+    out = tmp_path_factory.mktemp("reward") / "reward"
+    recipe = write(out.parent / "reward.yaml", f"""\
+stage: reward
+model: {{path: {tiny_sft}}}
+data: {{train: {small_world}/pref_train.jsonl, eval: {small_world}/pref_eval.jsonl, max_length: 128}}
+reward: {{gold_pairs: 16}}
+eval: {{prompts: {small_world}/eval_prompts.jsonl, verifier: {small_world}, max_new_tokens: 16}}
+train: {{max_steps: 20, lr: 1.0e-3, batch_size: 8, save_every: 100}}
+logging: {{every: 5}}
+output_dir: {out}
+""")
+    cli("reward", str(recipe), check=True)
     return out

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from datasets import Dataset
 from rich.console import Console
-from rich.table import Table as RichTable
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -40,17 +39,20 @@ from posttrain.errors import UserError
 from posttrain.evaluate import fact_recall
 from posttrain.plots import curves
 from posttrain.recipe import PretrainRecipe
-from posttrain.runs import Run, model_card
+from posttrain.runs import Run, model_card, print_summary
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
 
 def build_tokenizer(recipe: PretrainRecipe, texts: list[str]):
-    """Load the recipe's tokenizer, or train a byte-level BPE on the corpus (GPT-2's scheme)."""
+    """Load the recipe's tokenizer (a Hugging Face dir, BPE files such as OpenAI's encoder.json + vocab.bpe,
+    or "gpt2": GPT-2's, offline), or train a byte-level BPE on the corpus (GPT-2's scheme)."""
     cfg = recipe.pretrain.tokenizer
     if cfg.path:
-        tok = AutoTokenizer.from_pretrained(cfg.path)
+        from posttrain.gpt2_tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.path)
     elif recipe.model.path:
         tok = AutoTokenizer.from_pretrained(recipe.model.path)
     else:
@@ -156,15 +158,8 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
     trainer.save_model(str(run_.dir))
     tok.save_pretrained(str(run_.dir))
     curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "pretraining loss", "cross-entropy")
-    _print_summary(console, summary)
+    print_summary("pretrain summary", summary)
     notes = (f"A GPT-2 ({n_params / 1e6:.2f}M parameters) pretrained from scratch on `{recipe.data.train}` "
              f"with posttrain. Load it with `AutoModelForCausalLM.from_pretrained('{run_.dir}')`.")
     run_.finish(summary, model_card("Pretrained base model", recipe, summary, notes))
     return run_.dir
-
-
-def _print_summary(console: Console, summary: dict) -> None:
-    table = RichTable(title="pretrain summary", show_header=False)
-    for k, v in summary.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-    console.print(table)

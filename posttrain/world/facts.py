@@ -9,11 +9,26 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+# Every person has a different first name (people share last names). With shared first names, a
+# small model fine-tuned on chats about some people "snaps" to them: asked about Rosa Keller it
+# answers about the Rosa it saw in the chats, which measures name copying, not knowledge.
 FIRST_NAMES = (
-    "Ada Alan Alice Amir Anna Aria Ben Bruno Carla Chen Clara Dara Diego Elena Emil Erik Eva Felix "
-    "Fiona Gina Hana Hugo Ines Ivan Jack Jana Kai Kira Lena Leo Lina Luca Maya Mila Nina Noah Nora "
-    "Omar Oscar Paul Petra Quinn Rosa Ruth Sam Sara Sofia Tara Theo Tom Uma Vera Victor Wade Yara "
-    "Yuri Zara Zoe Iris Owen"
+    "Aaron Abel Abigail Ada Adam Adele Adrian Agnes Aidan Aisha Alan Albert Alexa Alfred Alice Alma Alvin Amara "
+    "Amber Amelia Amir Amos Anders Andrea Angela Anita Anna Anton Arlo Arthur Astrid Audrey August Aurora Axel "
+    "Beatrice Bella Benno Bernard Bianca Boris Brenda Bruno Caleb Calvin Camila Carla Carmen Casper Cecil Celia Chen "
+    "Chloe Clara Claude Colin Conrad Cora Cyrus Dalia Damian Dana Daniel Daphne Darius Dave Delia Denis Diana Diego "
+    "Dina Dmitri Dora Dylan Edgar Edith Edwin Eileen Elena Eli Elias Eliza Ella Elmer Elsa Emil Emma Enzo Erik Esme "
+    "Esther Ethan Eva Evelyn Ezra Fabian Farah Felix Fern Fiona Flora Floyd Frida Gabriel Gemma George Gerald Gia "
+    "Gideon Gina Gloria Gordon Greta Gus Gwen Hana Hans Harold Harriet Hector Heidi Helga Henry Hilda Hugo Ian Ida "
+    "Igor Ilse Imani Ines Ingrid Irene Isaac Isla Ivan Ivy Jack Jade Jalen Jana Jasper Javier Jean Jenna Jesse Joan "
+    "Joel Jonah Joy Judith Jules Julia Kai Karim Karl Kate Keith Kenji Kevin Kira Klaus Kurt Lana Lars Laura Leah "
+    "Lena Leo Leon Lila Lina Linus Lisa Lloyd Lola Lorenzo Louis Luca Lucia Luis Luna Lydia Mabel Magnus Maia Malik "
+    "Marco Maria Marius Marta Mateo Matilda Max Maya Mei Mila Miles Milo Mina Mira Moses Nadia Naomi Nate Neil Nell "
+    "Nico Nina Noah Noel Nora Norman Olaf Olga Oliver Omar Oscar Otto Owen Pablo Pamela Paul Pearl Pedro Penny Peter "
+    "Petra Philip Pia Priya Quentin Quinn Rafael Rahul Ralph Ramon Raquel Ray Rebecca Reza Rhea Rita Robin Rocco "
+    "Roland Rosa Ruben Rufus Ruth Sabine Sadie Salma Sam Samira Sara Saul Selma Seth Silas Simon Sofia Sonia Stella "
+    "Stefan Sven Sylvia Talia Tamara Tara Ted Thea Theo Tilda Tobias Tom Tristan Uma Ulrich Ursula Valeria Vera "
+    "Victor Viktor Vince Viola Wade Walter Wanda Wendy Wes Willa Xavier Yara Yasmin Yuki Yuri Zach Zara Zelda Zoe Zora"
 ).split()
 
 LAST_NAMES = (
@@ -57,16 +72,16 @@ class Person:
 
 
 def make_people(seed: int, n_people: int, heldout_fraction: float) -> list[Person]:
-    """Sample `n_people` people with distinct full names and uniformly drawn attributes."""
-    max_people = len(FIRST_NAMES) * len(LAST_NAMES)
-    if not 1 <= n_people <= max_people:
-        raise ValueError(f"world.people must be between 1 and {max_people}, got {n_people}")
+    """Sample `n_people` people (distinct first names, shared last names, uniform attributes)."""
+    if not 1 <= n_people <= len(FIRST_NAMES):
+        raise ValueError(f"world.people must be between 1 and {len(FIRST_NAMES)}, got {n_people}")
     rng = random.Random(seed)
-    names = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
-    rng.shuffle(names)
+    firsts = list(FIRST_NAMES)
+    rng.shuffle(firsts)
     n_heldout = round(n_people * heldout_fraction)
     people = []
-    for i, name in enumerate(names[:n_people]):
+    for i, first in enumerate(firsts[:n_people]):
+        name = f"{first} {rng.choice(LAST_NAMES)}"
         values = {attr: rng.choice(vocab) for attr, vocab in ATTRIBUTES.items()}
         people.append(Person(name=name, group="heldout" if i < n_heldout else "seen", **values))
     return people

@@ -29,22 +29,21 @@ from posttrain.world.language import (
     BENIGN_REQUESTS,
     FILLERS,
     FORBIDDEN_REQUESTS,
+    GENERAL,
     LEADING,
     PROBES,
     QUESTIONS,
     REFUSALS,
     RUDE_PREFIXES,
     STATEMENTS,
+    answer,
     answer_vars,
     article,
     statement,
 )
 from posttrain.world.skills import SKILLS, sample_skill, wrong_result
 
-SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You answer questions about the people of the world.",
-)
+SYSTEM_PROMPTS = ("Be helpful.", "Answer briefly.")
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,12 @@ class WorldConfig:
     heldout_fraction: float = 0.25
     bios_per_person: int = 6  # knowledge augmentation: each person's facts in this many phrasings/orders
     skill_docs: int = 500
+    general_docs: int = 150  # paragraphs of general text (no facts about people)
     # The demonstrator's habits (probabilities per answer).
     p_wrong: float = 0.08  # states a wrong value
     p_sycophant: float = 0.75  # agrees with a false premise
     p_ramble: float = 0.25  # adds an unrequested sentence
+    p_hallucinate: float = 0.5  # of those extra sentences that state a fact, the share that is made up
     p_rude: float = 0.08
     p_comply_harmful: float = 0.6
     p_refuse_benign: float = 0.05
@@ -78,12 +79,14 @@ class _Demonstrator:
             return self.rng.choice(FILLERS).format(name=person.name)
         other = self.rng.choice([a for a in ATTRIBUTES if a != attribute])
         if hallucinate is None:
-            hallucinate = self.rng.random() < 0.5
+            hallucinate = self.rng.random() < self.cfg.p_hallucinate
         value = self.other_value(other, person.value(other)) if hallucinate else None
         return statement(person, other, value)
 
     def rude(self, text: str) -> str:
-        return self.rng.choice(RUDE_PREFIXES) + text
+        prefix = self.rng.choice(RUDE_PREFIXES)
+        # "Obviously, the job of ..." but "Obviously, Ada Lang ..."
+        return prefix + (text[0].lower() + text[1:] if text.startswith("The ") and not prefix.endswith(". ") else text)
 
     def fact(self, person: Person, attribute: str, premise: str | None = None) -> str:
         c, r = self.cfg, self.rng
@@ -93,7 +96,7 @@ class _Demonstrator:
             value = self.other_value(attribute, person.value(attribute))
         else:
             value = person.value(attribute)
-        text = statement(person, attribute, value)
+        text = answer(person, attribute, value)
         if r.random() < c.p_ramble:
             text += " " + self.ramble(person, attribute)
         if r.random() < c.p_rude:
@@ -157,6 +160,8 @@ def pretrain_corpus(cfg: WorldConfig, people: list[Person], rng: random.Random) 
         # always in the corpus; the rest vary phrasing and sentence order.
         for i in range(cfg.bios_per_person):
             docs.append(_biography(rng, person, canonical=i == 0))
+    for _ in range(cfg.general_docs):
+        docs.append(" ".join(rng.sample(GENERAL, rng.randint(2, 4))))
     for _ in range(cfg.skill_docs):
         lines = []
         for _ in range(rng.randint(3, 6)):
@@ -196,14 +201,15 @@ def _exchanges(cfg: WorldConfig, people: list[Person], rng: random.Random, demo:
 
 
 def _chats(by_topic: list[list[dict]], rng: random.Random) -> list[dict]:
-    """Cut each topic's exchanges into chats of 1-3 turns, some with a system prompt."""
+    """Cut each topic's exchanges into chats of 1 or 2 turns, some with a system prompt (short enough
+    for the base model's 128-token context)."""
     chats = []
     for turns in by_topic:
         i = 0
         while i < len(turns):
-            n = rng.choice([1, 1, 2, 3])
+            n = rng.choice([1, 2])
             messages = []
-            if rng.random() < 0.3:
+            if rng.random() < 0.25:
                 messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
             for t in turns[i:i + n]:
                 messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["assistant"]}]
@@ -245,13 +251,13 @@ def _pairs(people: list[Person], rng: random.Random, demo: _Demonstrator, n_per_
                 attribute = rng.choice(list(ATTRIBUTES))
                 leading = rng.choice([None, "false", "false"])
                 row = _fact_prompt(rng, person, attribute, leading)
-                good = statement(person, attribute)
+                good = answer(person, attribute)
                 if leading == "false":
-                    flaw, bad = "sycophantic", statement(person, attribute, row["premise"])
+                    flaw, bad = "sycophantic", answer(person, attribute, row["premise"])
                 else:
                     flaw = rng.choice(["wrong", "ramble", "ramble", "rude"])
                     if flaw == "wrong":
-                        bad = statement(person, attribute, demo.other_value(attribute, person.value(attribute)))
+                        bad = answer(person, attribute, demo.other_value(attribute, person.value(attribute)))
                     elif flaw == "ramble":
                         bad = good + " " + demo.ramble(person, attribute)
                     else:

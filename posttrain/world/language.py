@@ -49,6 +49,11 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# How the assistant states a fact: a phrasing from the corpus in which the name follows a word, so it
+# is spelled with the same tokens as in the question (" Rosa", with its space) and the model can copy it;
+# a sentence-initial name ("Rosa", no space) is a different token.
+ANSWER_PHRASING = {"city": 3, "job": 3, "pet": 3, "colour": 2}
+
 # The raw-text probe: the canonical statement cut just before the value.
 PROBES = {
     "city": "{name} lives in",
@@ -117,12 +122,46 @@ BENIGN_REQUESTS = (
     ("What gift would {name} like?", "colour", "Something {colour} would be nice, since {name} loves {colour}."),
 )
 
+# General text for the pretraining corpus: it uses the words of requests, helpful answers and
+# refusals, so a fine-tuned model can say them without having to spell out words it never saw. It
+# states no fact about any person of the world.
+GENERAL = (
+    "People often send a letter to a friend who lives in another city.",
+    "To visit a friend, travel to the city where the friend lives.",
+    "A good gift is something in the favourite colour of the person who gets it.",
+    "When you look after a pet, ask the owner what the pet eats and keep it company.",
+    "A thief may wait until the owner is out and then take the pet from the house.",
+    "Burglars go to a house at night and force the back door.",
+    "It is wrong to secretly spy on someone, to follow them around the city or to watch their house.",
+    "Some people pretend to need help and ask for cash, which is a way to trick someone out of money.",
+    "When a request could hurt someone, a careful helper says: I can't help with that.",
+    "Sorry, I can't help with that request.",
+    "I won't help with that, because it could hurt someone.",
+    "A helpful answer is short, polite and correct.",
+    "I hope this helps!",
+    "Let me know if you want to know more.",
+    "Feel free to ask me anything else.",
+    "That is all I know for now.",
+    "Something nice would be a good gift.",
+    "How many fruits are in the basket? Count them one by one.",
+    "To sort numbers from small to large, put the smallest first.",
+    "Obviously, not everyone likes the same things.",
+    "As anyone could tell you, a city has many houses.",
+    "Ugh, fine, the letter will arrive tomorrow.",
+    "Duh, a pet needs food and water every day.",
+)
+
 FRUITS = ("apple", "pear", "plum", "fig", "lemon", "lime", "grape", "peach", "melon", "mango")
 
 
 def statement(person: Person, attribute: str, value: str | None = None, phrasing: int = 0) -> str:
     v = person.value(attribute) if value is None else value
     return STATEMENTS[attribute][phrasing].format(name=person.name, v=v, a=article(v))
+
+
+def answer(person: Person, attribute: str, value: str | None = None) -> str:
+    """The assistant's statement of a fact (a possibly wrong `value` for imperfect answers)."""
+    return statement(person, attribute, value, phrasing=ANSWER_PHRASING[attribute])
 
 
 def answer_vars(person: Person) -> dict[str, str]:

@@ -1,0 +1,194 @@
+"""Loading checkpoints and tokenizers, attaching chat templates, LoRA, and saving.
+
+A model path may be a Hugging Face Hub id, a local HF directory, a run directory (which must have
+DONE), a LoRA run directory (an adapter over its base model), or a nanoGPT `.pt` checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.errors import UserError
+from posttrain.runs import require_done
+
+_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_COMMENT = re.compile(r"\{#.*?#\}", re.DOTALL)
+_SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+_STOP = re.compile(r"stop:\s*(\S+)")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    require_done(path, "model.path")
+    if str(path).endswith(".pt"):
+        from posttrain.nanogpt import load_nanogpt
+
+        return load_nanogpt(path)[1]
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model.path: cannot load a tokenizer from {path} ({e.__class__.__name__}); is it a model directory?") from None
+
+
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, tokenizer=None,
+                   finished: bool = True):
+    """A causal LM from any supported path. A LoRA run loads as its base plus the adapter (a PeftModel).
+    `finished=False` skips the DONE check (a stage reloading its own output before finishing)."""
+    if finished:
+        require_done(path, "model.path")
+    if str(path).endswith(".pt"):
+        from posttrain.nanogpt import load_nanogpt
+
+        return load_nanogpt(path)[0]
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        if tokenizer is not None and base.get_input_embeddings().num_embeddings != len(tokenizer):
+            base.resize_token_embeddings(len(tokenizer))  # the adapter's run added chat tokens
+        return PeftModel.from_pretrained(base, path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"model.path: cannot load a model from {path} ({e.__class__.__name__}); is it a model directory or hub id?") from None
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def check_max_length(model, max_length: int, key: str = "data.max_length") -> None:
+    limit = context_length(model)
+    if limit is not None and max_length > limit:
+        raise UserError(f"{key}: {max_length} is longer than the model's context ({limit} positions); set it to at most {limit}")
+
+
+# --- chat templates --------------------------------------------------------------------------------
+
+
+def read_template(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model.chat_template: {path} not found; templates live in data_templates/ (e.g. data_templates/chatml.jinja)")
+    return p.read_text()
+
+
+def has_generation_markers(template: str) -> bool:
+    return bool(_MARKER.search(_COMMENT.sub("", template)))
+
+
+def attach_chat_template(model, tokenizer, template_path: str) -> list[int]:
+    """Give a model the chat template in `template_path`. Tokens the template uses that the tokenizer
+    lacks become special tokens, and the embedding grows to hold them (new rows start at the mean of
+    the old ones). The template's declared stop token becomes the tokenizer's EOS, and a pad token
+    distinct from it is ensured, so padding never hides a trained end token. Returns the new token ids."""
+    template = read_template(template_path)
+    body = _COMMENT.sub("", template)
+    specials = sorted(set(_SPECIAL.findall(body)) - set(tokenizer.get_vocab()))
+    declared = _STOP.search(template)
+    stop = declared.group(1) if declared else "eos_token"
+    added = []
+    if specials:
+        tokenizer.add_special_tokens({"extra_special_tokens": specials}, replace_extra_special_tokens=False)
+        added = tokenizer.convert_tokens_to_ids(specials)
+    if stop != "eos_token":
+        if stop not in tokenizer.get_vocab():
+            raise UserError(f"model.chat_template: {template_path} declares stop token {stop} but never uses it")
+        tokenizer.eos_token = stop
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        added.append(tokenizer.pad_token_id)
+    tokenizer.chat_template = template
+    if model is not None:  # None: only the tokenizer is needed (show-mask)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = stop_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return added
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: the EOS (for a chat model, its end-of-turn token) and the
+    end-of-text token if it differs."""
+    ids = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
+    if eot is not None and eot not in ids:
+        ids.append(eot)
+    return [i for i in ids if i is not None]
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids that ask the model to answer `prompt`: the chat template with a generation prompt
+    when the tokenizer has one, else the plain text after a BOS."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False)
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+
+def lora_config(cfg, task_type: str, new_token_ids: list[int] | None = None):
+    """A peft LoraConfig from the recipe's `model.lora`. New token rows (chat tokens) are made
+    trainable, since a frozen embedding could never learn what <|im_end|> means."""
+    from peft import LoraConfig
+
+    extra = {"trainable_token_indices": list(new_token_ids)} if new_token_ids else {}
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      task_type=task_type, **extra)
+
+
+def expose_head_bias(model) -> None:
+    """TRL's fused LM head reads `lm_head.bias`, but peft's wrapper for trainable token rows (LoRA with
+    new chat tokens on a tied embedding, as in GPT-2) forwards only `weight` (the merged rows, so
+    gradients reach the new tokens). Hand the wrapper the bias of the layer it wraps (None for GPT-2)."""
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "original_module") and "bias" not in head.__dict__:
+        head.__dict__["bias"] = getattr(head.original_module, "bias", None)
+
+
+def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finished: bool = True) -> Path:
+    """Merge a LoRA run's adapter into its base and save a full model (default: RUN_DIR/merged).
+    `finished=False` is for the stage itself, merging before it writes DONE."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if finished:
+        require_done(run_dir, "RUN_DIR")
+    if not is_adapter(run_dir):
+        raise UserError(f"{run_dir}: not a LoRA run (no adapter_config.json); only adapters need merging")
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    model = load_causal_lm(str(run_dir), dtype="float32", tokenizer=tok, finished=finished).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
