@@ -1,0 +1,173 @@
+"""Classification fine-tuning: a pretrained GPT as a text feature extractor.
+
+Reads:  model.path (any causal LM checkpoint), data.train / data.eval (text + label columns, names in
+        classify.text_column / label_column), classify.test, classify.split (seeded val/test carved
+        from data.train when those files are absent), classify.trainable, data.max_length, train.*
+Writes: a sequence-classification model (labels in config.id2label), confusion matrix PNG,
+        test_predictions.jsonl, and the usual run files.
+Reports: accuracy, macro-F1, per-class precision/recall, the confusion matrix, and the accuracy of
+        the untrained head for reference.
+
+A linear head reads the hidden state of the last real token, the only position that has seen the
+whole text in a causal model. Padding uses a dedicated pad token, so that position is never padding.
+`trainable` picks what learns: head (a linear probe), last_blocks:N (plus the top N blocks), lora, all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+from posttrain import data as datalib
+from posttrain.errors import UserError
+from posttrain.metrics import classification_report, confusion_matrix
+from posttrain.models import check_max_length, is_adapter, load_tokenizer, lora_config
+from posttrain.plots import confusion, curves
+from posttrain.recipe import ClassifyRecipe, LoraConfig
+from posttrain.runs import Run, model_card, print_summary
+from posttrain.training import build_trainer, fit, trainer_kwargs
+
+
+def load_splits(recipe: ClassifyRecipe) -> dict[str, datalib.Table]:
+    """train/val/test tables; missing ones are carved out of data.train with a seeded shuffle."""
+    c = recipe.classify
+    names = {"text": c.text_column, "label": c.label_column}
+    train = datalib.load(recipe.data.train, recipe.data.columns)
+    datalib.validate(train, "classification", names)
+    splits = {"val": datalib.load(recipe.data.eval, recipe.data.columns) if recipe.data.eval else None,
+              "test": datalib.load(c.test, recipe.data.columns) if c.test else None}
+    order = list(range(len(train)))
+    random.Random(recipe.seed).shuffle(order)
+    for name, fraction in (("test", c.split.test), ("val", c.split.val)):
+        if splits[name] is None:
+            n = round(len(order) * fraction)
+            if n == 0:
+                raise UserError(f"classify.split.{name}: no {name} file and a split of 0; give one or the other")
+            splits[name], order = train.select(sorted(order[:n])), order[n:]
+        else:
+            datalib.validate(splits[name], "classification", names)
+    splits["train"] = train.select(sorted(order)).head(recipe.data.limit)
+    return splits
+
+
+def make_trainable(model, trainable: str, lora):
+    """Leave only what `trainable` names with gradients (the head always learns). Returns the model
+    (a peft model for lora, with the head fully trained beside the adapters)."""
+    if trainable == "all":
+        return model
+    if trainable == "lora":
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora_config(lora or LoraConfig(), "SEQ_CLS"))
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.score.parameters():
+        p.requires_grad = True
+    if trainable.startswith("last_blocks:"):
+        n = int(trainable.split(":")[1])
+        blocks = model.base_model.h if hasattr(model.base_model, "h") else model.base_model.layers
+        if n > len(blocks):
+            raise UserError(f"classify.trainable: the model has {len(blocks)} blocks, fewer than {n}")
+        final_norm = getattr(model.base_model, "ln_f", None) or getattr(model.base_model, "norm", None)
+        for module in [*blocks[-n:], final_norm]:
+            for p in module.parameters():
+                p.requires_grad = True
+    return model
+
+
+def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
+    c = recipe.classify
+    if is_adapter(recipe.model.path):
+        raise UserError(f"model.path: {recipe.model.path} is a LoRA adapter; run `posttrain merge {recipe.model.path}` "
+                        "and point model.path at its merged/ directory")
+    splits = load_splits(recipe)
+    labels = sorted({str(r[c.label_column]) for r in splits["train"]})
+    if len(labels) < 2:
+        raise UserError(f"{recipe.data.train}: only one label ({labels[0]!r}) in the training data; need at least two")
+    label2id = {name: i for i, name in enumerate(labels)}
+    for split in ("val", "test"):
+        table = splits[split]
+        for i, r in enumerate(table):
+            if str(r[c.label_column]) not in label2id:
+                raise UserError(f"{table.where(i)}: label {r[c.label_column]!r} never appears in the training data "
+                                f"(labels: {', '.join(labels)}); fix the label or add training examples")
+
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})  # pooling must never land on a real token
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        recipe.model.path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
+        trust_remote_code=recipe.model.trust_remote_code)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.config.pad_token_id = tok.pad_token_id
+    check_max_length(model, recipe.data.max_length)
+    model = make_trainable(model, c.trainable, recipe.model.lora)
+
+    def encode(table: datalib.Table) -> tuple[Dataset, int]:
+        enc = tok([str(r[c.text_column]) for r in table], truncation=True, max_length=recipe.data.max_length)
+        full = tok([str(r[c.text_column]) for r in table])["input_ids"]
+        n_cut = sum(len(f) > recipe.data.max_length for f in full)
+        ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                "labels": [label2id[str(r[c.label_column])] for r in table]})
+        return ds, n_cut
+
+    (train_ds, cut_train), (val_ds, cut_val), (test_ds, cut_test) = map(encode, (splits["train"], splits["val"], splits["test"]))
+    truncated = cut_train + cut_val + cut_test
+    if truncated:
+        print(f"note: {truncated} texts are longer than data.max_length={recipe.data.max_length}: truncated (start kept)")
+
+    run_ = Run(recipe).start(force)
+    args = TrainingArguments(**trainer_kwargs(recipe, run_, eval_strategy="epoch" if not recipe.train.eval_every else "steps",
+                                              per_device_eval_batch_size=64))
+    trainer = build_trainer(
+        Trainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=DataCollatorWithPadding(tok), processing_class=tok,
+        compute_metrics=lambda p: classification_report(p.label_ids.tolist(), p.predictions.argmax(-1).tolist(), labels),
+    )
+    before = trainer.predict(test_ds).metrics["test_accuracy"] if run_.main else None
+    train_metrics = fit(trainer, run_)
+    if not run_.main:
+        return run_.dir
+
+    pred = trainer.predict(test_ds)
+    y_true, y_pred = pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist()
+    report = classification_report(y_true, y_pred, labels)
+    matrix = confusion_matrix(y_true, y_pred, len(labels))
+    summary = {
+        "labels": ",".join(labels), "train_examples": len(train_ds), "val_examples": len(val_ds),
+        "test_examples": len(test_ds), "truncated": truncated, "trainable": c.trainable,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "test_accuracy_before": before, "train_loss": train_metrics.get("train_loss"),
+        **{f"test_{k}": v for k, v in report.items()},
+        "val_accuracy": trainer.evaluate()["eval_accuracy"],
+    }
+    run_.log(trainer.state.global_step, {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]})
+    with (run_.dir / "test_predictions.jsonl").open("w") as f:
+        for r, p in zip(splits["test"], y_pred, strict=True):
+            f.write(json.dumps({"text": r[c.text_column], "label": str(r[c.label_column]), "predicted": labels[p]}) + "\n")
+    confusion(matrix, labels, run_.plots_dir() / "confusion_matrix.png", f"test confusion matrix (accuracy {report['accuracy']:.3f})")
+    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "classification loss", "cross-entropy")
+    trainer.save_model(str(run_.dir))
+    tok.save_pretrained(str(run_.dir))
+    _print_confusion(matrix, labels)
+    print_summary("classify summary", summary)
+    notes = (f"`{recipe.model.path}` with a classification head on the last real token ({c.trainable} trainable), "
+             f"fine-tuned on `{recipe.data.train}`. Labels: {', '.join(labels)}.")
+    run_.finish(summary, model_card("Text classifier", recipe, summary, notes))
+    return run_.dir
+
+
+def _print_confusion(matrix: list[list[int]], labels: list[str]) -> None:
+    width = max(8, *(len(x) for x in labels)) + 2
+    print("confusion matrix (rows: true, columns: predicted)")
+    print(" " * width + "".join(f"{x:>{width}}" for x in labels))
+    for name, row in zip(labels, matrix, strict=True):
+        print(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+

@@ -1,0 +1,210 @@
+"""Supervised fine-tuning (SFT) with a chat template and loss masking, on TRL's SFTTrainer.
+
+Reads:  model.path (+ model.chat_template, model.lora), data.train / data.eval (messages,
+        prompt_completion, alpaca or text), data.max_length, sft.loss / overlong / merge, train.*,
+        eval.* (prompts to answer, the world's verifier, fact probes).
+Writes: the fine-tuned model (or a LoRA adapter, plus merged/ with sft.merge), eval_answers.jsonl,
+        and the usual run files.
+Reports: eval loss, trained-token and padding fractions, and on the eval prompts: how often the
+        model stops by itself in format, the gold metrics, and how many held-out facts (people never
+        seen in chat) it still answers compared with the starting model's raw-text recall.
+
+The loss mask comes from posttrain/render.py (the same code `posttrain show-mask` prints); TRL gets
+ready token ids and labels and does packing, LoRA and the training loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from posttrain import data as datalib
+from posttrain.errors import UserError
+from posttrain.evaluate import evaluate_prompts, fact_recall
+from posttrain.models import (
+    attach_chat_template,
+    check_max_length,
+    expose_head_bias,
+    is_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    merge_adapter,
+)
+from posttrain.plots import curves
+from posttrain.recipe import SftRecipe
+from posttrain.render import check_loss_mode, default_loss, render
+from posttrain.runs import Run, model_card, print_summary
+from posttrain.training import build_trainer, fit, trainer_kwargs
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "text")
+
+
+def load_examples(recipe: SftRecipe, path: str, limit: int | None) -> tuple[list[dict], str]:
+    """Rows of one data file, checked and reduced to the fields their format trains on."""
+    table = datalib.load(path, recipe.data.columns, limit)
+    fmt = recipe.data.format if recipe.data.format != "auto" else datalib.infer_format(table, FORMATS)
+    if fmt not in FORMATS:
+        raise UserError(f"data.format: sft reads {', '.join(FORMATS)}, not {fmt}")
+    datalib.validate(table, fmt)
+    if fmt == "alpaca":
+        return [{"messages": datalib.alpaca_to_messages(r)} for r in table], "messages"
+    return [{k: r[k] for k in datalib.FIELDS[fmt]} for r in table], fmt
+
+
+def encode(tok, rows: list[dict], fmt: str, mode: str, max_length: int, overlong: str, name: str) -> tuple[Dataset, dict]:
+    """Token ids and labels (-100 = not trained) for every example, with over-long ones dropped or
+    truncated as the recipe says, and counted either way."""
+    ids_all, labels_all, n_long, n_empty = [], [], 0, 0
+    for row in rows:
+        ids, mask = render(tok, row, fmt, mode)
+        if len(ids) > max_length:
+            n_long += 1
+            if overlong == "drop":
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            n_empty += 1  # e.g. truncation cut off every assistant token
+            continue
+        ids_all.append(ids)
+        labels_all.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+    if not ids_all:
+        raise UserError(f"data.{name}: no example left to train on: {n_long} of {len(rows)} are longer than "
+                        f"data.max_length={max_length} ({overlong}); raise data.max_length")
+    stats = {f"{name}_examples": len(ids_all), f"{name}_{'dropped' if overlong == 'drop' else 'truncated'}_overlong": n_long,
+             f"{name}_dropped_untrained": n_empty}
+    if n_long:
+        print(f"note: {n_long} of {len(rows)} {name} examples are longer than data.max_length={max_length}: "
+              f"{'dropped' if overlong == 'drop' else 'truncated'}")
+    return Dataset.from_dict({"input_ids": ids_all, "labels": labels_all}), stats
+
+
+@torch.no_grad()
+def packing_is_exact(model) -> bool:
+    """Padding-free packing is right only if the model keeps packed sequences apart (position ids
+    restart and attention stays inside each sequence). Check it on the real model: two sequences
+    packed into one row must give the same logits as each on its own."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = torch.randint(0, vocab, (1, 5), generator=g), torch.randint(0, vocab, (1, 7), generator=g)
+    was = model.training
+    model.eval()
+    alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=pos).logits
+    model.train(was)
+    return torch.allclose(alone, packed, atol=1e-4)
+
+
+class PaddingCounter:
+    """Wraps the data collator to count the padding tokens the model computes on."""
+
+    def __init__(self, collator, pad_id: int):
+        self.collator, self.pad_id = collator, pad_id
+        self.total = self.pad = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.total += batch["input_ids"].numel()
+        self.pad += int((batch["input_ids"] == self.pad_id).sum())
+        return batch
+
+    @property
+    def fraction(self) -> float:
+        return self.pad / self.total if self.total else 0.0
+
+
+def heldout_retention(recipe: SftRecipe, rows: list[dict], scores: list) -> dict:
+    """Held-out people were never in chat data. Compare the fine-tuned model's answers to plain
+    questions about them with the starting model's raw-text recall of the same facts."""
+    facts = [(r, s) for r, s in zip(rows, scores, strict=True) if r.get("kind") == "fact" and r.get("group") == "heldout"]
+    if not facts or not recipe.eval.probe:
+        return {}
+    probes = {(p["person"], p["attribute"]): p for p in datalib.load(recipe.eval.probe)}
+    probe_rows = [probes[(r["person"], r["attribute"])] for r, _ in facts]
+    base_tok = load_tokenizer(recipe.model.path)
+    base = load_causal_lm(recipe.model.path, dtype="float32", tokenizer=base_tok)
+    hits = fact_recall(base, base_tok, probe_rows)["hits"]
+    accuracy = sum(s.correct for _, s in facts) / len(facts)
+    recall = sum(hits) / len(hits)
+    known = [s.correct for (_, s), h in zip(facts, hits, strict=True) if h]
+    return {
+        "heldout_facts": len(facts),
+        "base_heldout_recall": recall,
+        "heldout_accuracy": accuracy,
+        "heldout_retention": accuracy / recall if recall else 0.0,
+        "heldout_accuracy_on_known": sum(known) / len(known) if known else 0.0,
+    }
+
+
+def run(recipe: SftRecipe, force: bool = False) -> Path:
+    train_rows, fmt = load_examples(recipe, recipe.data.train, recipe.data.limit)
+    eval_rows, eval_fmt = load_examples(recipe, recipe.data.eval, None) if recipe.data.eval else ([], fmt)
+    if eval_fmt != fmt:
+        raise UserError(f"data.eval: format {eval_fmt} differs from data.train's {fmt}; use the same format")
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    model = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
+    if is_adapter(recipe.model.path):
+        model = model.merge_and_unload()  # fine-tune the merged weights; a new adapter starts from them
+    check_max_length(model, recipe.data.max_length)
+    new_tokens = attach_chat_template(model, tok, recipe.model.chat_template) if recipe.model.chat_template else []
+    if fmt == "messages" and not tok.chat_template:
+        raise UserError("model.chat_template: the model has no chat template; name one, e.g. data_templates/chatml.jinja")
+    mode = default_loss(fmt) if recipe.sft.loss == "auto" else recipe.sft.loss
+    check_loss_mode(fmt, mode, tok)
+    n, over = recipe.data.max_length, recipe.sft.overlong
+    train_ds, stats = encode(tok, train_rows, fmt, mode, n, over, "train")
+    eval_ds, eval_stats = encode(tok, eval_rows, fmt, mode, n, over, "eval") if eval_rows else (None, {})
+
+    run_ = Run(recipe).start(force)
+    packing = recipe.train.packing and packing_is_exact(model)
+    if recipe.train.packing and not packing:
+        print("note: packing is off: this model mixes packed sequences (its attention ignores position ids)")
+    peft_config = lora_config(recipe.model.lora, "CAUSAL_LM", new_tokens) if recipe.model.lora else None
+    args = SFTConfig(**trainer_kwargs(recipe, run_, max_length=n, packing=packing, packing_strategy="bfd",
+                                      eval_packing=False, assistant_only_loss=False, completion_only_loss=False))
+    trainer = build_trainer(SFTTrainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tok, peft_config=peft_config)
+    if peft_config is not None:
+        expose_head_bias(trainer.model)
+    counter = PaddingCounter(trainer.data_collator, tok.pad_token_id)
+    trainer.data_collator = counter
+    train_metrics = fit(trainer, run_)
+    if not run_.main:
+        return run_.dir
+
+    model = trainer.model
+    trained = sum(sum(t != -100 for t in lab) for lab in train_ds["labels"])
+    summary: dict = {
+        **stats, **eval_stats,
+        "loss_mode": mode, "packing": packing, "padding_fraction": counter.fraction,
+        "trained_token_fraction": trained / sum(len(x) for x in train_ds["input_ids"]),
+        "lora": recipe.model.lora is not None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_loss": train_metrics.get("train_loss"),
+    }
+    losses = [r["loss"] for r in run_.metrics() if "loss" in r]
+    summary["final_loss"] = losses[-1] if losses else None
+    if eval_ds is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        run_.log(trainer.state.global_step, {"eval_loss": summary["eval_loss"]})
+    if recipe.eval.prompts:
+        result = evaluate_prompts(model, tok, recipe.eval, run_.dir)
+        summary.update(result.metrics)
+        if result.scores:
+            summary.update(heldout_retention(recipe, result.rows, result.scores))
+
+    trainer.save_model(str(run_.dir))
+    tok.save_pretrained(str(run_.dir))
+    if recipe.model.lora and recipe.sft.merge:
+        summary["merged_dir"] = str(merge_adapter(run_.dir, finished=False))
+    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "SFT loss", "cross-entropy")
+    print_summary("sft summary", summary)
+    kind = "LoRA adapter" if recipe.model.lora else "fully fine-tuned model"
+    notes = (f"A {kind} from `{recipe.model.path}`, supervised fine-tuned on `{recipe.data.train}` ({fmt}, "
+             f"{mode} loss) with chat template `{recipe.model.chat_template}`.")
+    run_.finish(summary, model_card("SFT model", recipe, summary, notes))
+    return run_.dir
