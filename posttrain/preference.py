@@ -1,0 +1,159 @@
+"""Preference pairs (prompt, chosen, rejected): loading, checks, tokenization, and reward scoring.
+
+Rows may be conversational (message lists) or plain strings, or Alpaca-style records with
+`instruction` (+ `input`), `chosen`, `rejected`. Pairs whose two answers are identical teach nothing
+and are counted and skipped. A pair is rendered the way the chat model sees it at inference: the
+prompt through the chat template with a generation prompt, the answer after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain import data as datalib
+from posttrain.errors import UserError
+
+
+def load_pairs(path: str, columns: list[str] | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
+    """Normalised pairs {prompt, chosen, rejected} and counts {pairs, degenerate_skipped}."""
+    table = datalib.load(path, columns, limit)
+    first = table.rows[0]
+    if "instruction" in first and "prompt" not in first:
+        rows = [_from_alpaca(r, table.where(i)) for i, r in enumerate(table)]
+        table = datalib.Table(table.source, rows, table.lines)
+    datalib.validate(table, "preference")
+    pairs, degenerate = [], 0
+    for i, row in enumerate(table):
+        _check_forms(row, table.where(i))
+        if _text(row["chosen"]) == _text(row["rejected"]):
+            degenerate += 1
+            continue
+        pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+    if degenerate:
+        print(f"note: {degenerate} of {len(table)} pairs in {path} have chosen == rejected: skipped")
+    if not pairs:
+        raise UserError(f"{path}: every pair has chosen == rejected; there is nothing to learn from")
+    return pairs, {"pairs": len(pairs), "degenerate_skipped": degenerate}
+
+
+def _from_alpaca(row: dict, where: str) -> dict:
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise UserError(f"{where}: row is missing {key!r} (an Alpaca preference record needs instruction, chosen, rejected)")
+    user = datalib.alpaca_to_messages({**row, "output": ""})[0]
+    return {"prompt": [user], "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+
+
+def _check_forms(row: dict, where: str) -> None:
+    kinds = {k: isinstance(row[k], list) for k in ("prompt", "chosen", "rejected")}
+    if len(set(kinds.values())) > 1:
+        raise UserError(f"{where}: prompt, chosen and rejected mix strings and message lists; use one form for all three")
+    if kinds["prompt"]:
+        for key in ("chosen", "rejected"):
+            if any(m["role"] != "assistant" for m in row[key]):
+                raise UserError(f"{where}: {key} repeats non-assistant turns although `prompt` is given, so the prompt "
+                                "would appear twice; keep only the assistant's answer in chosen/rejected")
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def encode(tok, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen answer ids, rejected answer ids) as the model sees them."""
+    if isinstance(pair["prompt"], list):
+        if not tok.chat_template:
+            raise UserError("model.path: conversational pairs need a chat model (one with a chat template); run SFT first "
+                            "or set model.chat_template")
+        head = list(tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=False))
+        full = {k: list(tok.apply_chat_template(pair["prompt"] + pair[k], return_dict=False)) for k in ("chosen", "rejected")}
+    else:
+        head = tok.encode(pair["prompt"], add_special_tokens=False)
+        full = {k: tok.encode(pair["prompt"] + pair[k], add_special_tokens=False) + [tok.eos_token_id]
+                for k in ("chosen", "rejected")}
+    start = min(_common_prefix(head, full["chosen"]), _common_prefix(head, full["rejected"]))
+    return full["chosen"][:start], full["chosen"][start:], full["rejected"][start:]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def fit_length(tok, pairs: list[dict], max_length: int, overlong: str, name: str) -> tuple[list[tuple], dict]:
+    """Encode every pair and drop or truncate (keeping the prompt's start) those longer than
+    max_length; counted either way, and an error if none is left. Returns ([(prompt ids, chosen ids,
+    rejected ids, index of the pair)], counts)."""
+    kept, n_long = [], 0
+    for i, pair in enumerate(pairs):
+        p, c, r = encode(tok, pair)
+        if len(p) + max(len(c), len(r)) > max_length:
+            n_long += 1
+            if overlong == "drop" or len(p) >= max_length:
+                continue
+            c, r = c[: max_length - len(p)], r[: max_length - len(p)]
+        kept.append((p, c, r, i))
+    if n_long:
+        print(f"note: {n_long} of {len(pairs)} {name} pairs are longer than data.max_length={max_length}: "
+              f"{'dropped' if overlong == 'drop' else 'truncated'}")
+    if not kept:
+        raise UserError(f"data.{name}: no pair left: all {len(pairs)} are longer than data.max_length={max_length}; raise it")
+    return kept, {f"{name}_pairs": len(kept), f"{name}_{'dropped' if overlong == 'drop' else 'truncated'}_overlong": n_long}
+
+
+# --- scoring with a reward model ---------------------------------------------------------------------
+
+
+class RewardScorer:
+    """A trained reward model that scores (prompt, answer) text. It re-tokenises the text with its own
+    tokenizer, so it can score answers from any policy, whatever that policy's tokenizer."""
+
+    def __init__(self, model, tok, batch_size: int = 64):
+        if model.config.num_labels != 1:
+            raise UserError(f"not a reward model: it has {model.config.num_labels} labels, a reward model has 1")
+        if tok.pad_token_id is None:
+            raise UserError("the reward model's tokenizer has no pad token, so its scores would depend on padding")
+        self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | None = None) -> RewardScorer:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from posttrain.runs import require_done
+
+        require_done(path, "reward model")
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+        return cls(model.to(device) if device is not None else model, AutoTokenizer.from_pretrained(path))
+
+    def ids(self, prompt, answer: str) -> list[int]:
+        if isinstance(prompt, str) and self.tok.chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        answer_part = [{"role": "assistant", "content": answer}] if isinstance(prompt, list) else answer
+        head, body, _ = encode(self.tok, {"prompt": prompt, "chosen": answer_part, "rejected": answer_part})
+        return head + body
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        """Scores of token sequences, right-padded with the pad token; the model reads the last real token."""
+        out = []
+        device = next(self.model.parameters()).device
+        for b in range(0, len(seqs), self.batch_size):
+            batch = seqs[b : b + self.batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), self.tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(batch):
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            out += self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+        return out
+
+    def score(self, prompts: list, answers: list[str]) -> list[float]:
+        return self.score_ids([self.ids(p, a) for p, a in zip(prompts, answers, strict=True)])

@@ -1,0 +1,109 @@
+"""Direct preference optimisation (DPO), with TRL's DPOTrainer.
+
+Reads:  model.path (usually the SFT run; it is also the reference), model.lora, data.train /
+        data.eval (preference pairs), data.max_length, dpo.* (beta, loss_type, precompute_ref,
+        overlong), train.*, eval.* (prompts and the world's verifier).
+Writes: the aligned model (or a LoRA adapter), eval_answers.jsonl, and the usual run files.
+Reports: held-out preference accuracy and reward margins, KL(DPO policy || reference) on the eval
+        prompts, and with the world's verifier the gold metrics of greedy answers before (the
+        reference) and after, with their differences.
+
+The reference model is the starting policy. With LoRA it is the same model with the adapter
+switched off, so no second copy is loaded; with dpo.precompute_ref the reference log-probs are
+computed once before training and no reference is kept at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from posttrain.evaluate import evaluate_prompts, policy_kl
+from posttrain.models import check_max_length, expose_head_bias, load_causal_lm, load_tokenizer, lora_config
+from posttrain.plots import curves
+from posttrain.preference import fit_length, load_pairs
+from posttrain.recipe import DpoRecipe
+from posttrain.runs import Run, model_card, print_summary
+from posttrain.training import build_trainer, fit, trainer_kwargs
+
+
+def run(recipe: DpoRecipe, force: bool = False) -> Path:
+    train_pairs, counts = load_pairs(recipe.data.train, recipe.data.columns, recipe.data.limit)
+    eval_pairs, eval_counts = load_pairs(recipe.data.eval) if recipe.data.eval else ([], {})
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    n, over = recipe.data.max_length, recipe.dpo.overlong
+    train_kept, len_stats = fit_length(tok, train_pairs, n, over, "train")
+    eval_kept, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
+    model = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # start from the merged weights; a new adapter (or full tuning) goes on top
+    check_max_length(model, n)
+    # A frozen copy is the reference only for full fine-tuning without precomputed log-probs.
+    ref = None
+    if not recipe.model.lora and not recipe.dpo.precompute_ref:
+        ref = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
+        if hasattr(ref, "merge_and_unload"):
+            ref = ref.merge_and_unload()
+
+    run_ = Run(recipe).start(force)
+    summary: dict = {**{f"train_{k}": v for k, v in counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()},
+                     **len_stats, **eval_len_stats, "beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
+                     "lora": recipe.model.lora is not None, "reference": "adapter disabled" if recipe.model.lora
+                     else "precomputed log-probs" if recipe.dpo.precompute_ref else "frozen copy"}
+    before = {}
+    if recipe.eval.prompts and run_.main:
+        print("reference model (before DPO) on the eval prompts:")
+        before = evaluate_prompts(model, tok, recipe.eval, run_.dir).metrics
+        (run_.dir / "eval_answers.jsonl").rename(run_.dir / "eval_answers_before.jsonl")
+
+    args = DPOConfig(**trainer_kwargs(recipe, run_, beta=recipe.dpo.beta, loss_type=[recipe.dpo.loss_type],
+                                      max_length=n, precompute_ref_log_probs=recipe.dpo.precompute_ref,
+                                      disable_dropout=True))
+    trainer = build_trainer(
+        DPOTrainer, run_, model=model, ref_model=ref, args=args,
+        train_dataset=Dataset.from_list([train_pairs[i] for *_, i in train_kept]),
+        eval_dataset=Dataset.from_list([eval_pairs[i] for *_, i in eval_kept]) if eval_kept else None,
+        processing_class=tok, peft_config=lora_config(recipe.model.lora, "CAUSAL_LM") if recipe.model.lora else None,
+    )
+    if recipe.model.lora:
+        expose_head_bias(trainer.model)
+    train_metrics = fit(trainer, run_)
+    if not run_.main:
+        return run_.dir
+
+    policy = trainer.model
+    summary["train_loss"] = train_metrics.get("train_loss")
+    if eval_kept:
+        ev = trainer.evaluate()
+        summary["eval_preference_accuracy"] = ev.get("eval_rewards/accuracies")
+        summary["eval_reward_margin"] = ev.get("eval_rewards/margins")
+        summary["eval_loss"] = ev.get("eval_loss")
+        run_.log(trainer.state.global_step, {"eval_preference_accuracy": summary["eval_preference_accuracy"]})
+    if recipe.eval.prompts:
+        print("DPO model on the eval prompts:")
+        result = evaluate_prompts(policy, tok, recipe.eval, run_.dir)
+        after, rows = result.metrics, result.rows
+        summary.update(after)
+        summary.update({f"ref_{k}": v for k, v in before.items() if k != "eval_prompts"})
+        for k in ("gold_score", "fact_accuracy", "refusal_rate", "over_refusal_rate", "format_rate", "sycophancy_rate"):
+            if k in after and k in before:
+                summary[f"delta_{k}"] = after[k] - before[k]
+        reference = ref  # None with LoRA: the policy with its adapter off
+        if ref is None and not recipe.model.lora:  # precomputed log-probs: reload the starting model for this
+            reference = load_causal_lm(recipe.model.path, "float32", tokenizer=tok)
+            reference = reference.merge_and_unload() if hasattr(reference, "merge_and_unload") else reference
+        summary["kl_to_ref"] = policy_kl(policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens,
+                                         batch_size=recipe.eval.batch_size, seed=recipe.seed)
+
+    trainer.save_model(str(run_.dir))
+    tok.save_pretrained(str(run_.dir))
+    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "DPO loss", "loss")
+    curves(run_.metrics(), ["rewards/accuracies", "rewards/margins"], run_.plots_dir() / "rewards.png",
+           "DPO implicit rewards (train)", "")
+    print_summary("dpo summary", summary)
+    notes = (f"`{recipe.model.path}` aligned with DPO ({recipe.dpo.loss_type}, beta {recipe.dpo.beta}) on "
+             f"`{recipe.data.train}`; reference: {summary['reference']}.")
+    run_.finish(summary, model_card("DPO model", recipe, summary, notes))
+    return run_.dir

@@ -1,0 +1,124 @@
+"""Reward modelling on preference pairs, with TRL's RewardTrainer.
+
+Reads:  model.path (usually the SFT run), data.train / data.eval (preference pairs: conversational,
+        strings, or Alpaca-style), data.max_length, reward.* (overlong, center_rewards, gold_pairs,
+        policy), train.*, eval.* (prompts and the world's verifier for the gold check).
+Writes: a sequence-classification model with one output (the reward), loadable with
+        AutoModelForSequenceClassification (a LoRA run is merged into it; the adapter is kept in
+        adapter/), score_histogram.png, and the usual run files.
+Reports: held-out pairwise accuracy and mean margin, pairs skipped or cut, and on the world how
+        often the reward model ranks two fresh answers of the policy the way the gold verifier does.
+
+The score is read at the last real token of prompt + answer. Padding uses a dedicated pad token,
+so a padded batch scores a text exactly as it scores alone (GPT-2's pad = EOS habit is the classic
+cause of reward models stuck near chance).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig, RewardTrainer
+
+from posttrain import data as datalib
+from posttrain.errors import UserError
+from posttrain.evaluate import answer
+from posttrain.metrics import agreement, pairwise
+from posttrain.models import check_max_length, is_adapter, load_causal_lm, load_tokenizer, lora_config
+from posttrain.plots import curves, histogram
+from posttrain.preference import RewardScorer, fit_length, load_pairs
+from posttrain.recipe import RewardRecipe
+from posttrain.runs import Run, model_card, print_summary
+from posttrain.training import build_trainer, fit, trainer_kwargs
+
+
+def gold_agreement(recipe: RewardRecipe, scorer: RewardScorer) -> dict:
+    """Sample two answers per eval prompt from the policy; of the pairs the gold verifier ranks,
+    how many the reward model ranks the same way."""
+    from posttrain.world.verifier import Verifier
+
+    rows = datalib.load(recipe.eval.prompts, limit=recipe.reward.gold_pairs).rows
+    policy_path = recipe.reward.policy or recipe.model.path
+    tok = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path, dtype="float32", tokenizer=tok)
+    kw = dict(max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, temperature=1.0)
+    a = answer(policy, tok, rows, seed=recipe.seed, **kw)
+    b = answer(policy, tok, rows, seed=recipe.seed + 1, **kw)
+    verifier = Verifier.from_dir(recipe.eval.verifier)
+    gold = [verifier.score(r, g.text, g.stopped).total for r, g in zip(rows + rows, a + b, strict=True)]
+    prompts = [r["prompt"] for r in rows]
+    rm = scorer.score(prompts + prompts, [g.text for g in a + b])
+    n = len(rows)
+    pairs = [(i, i + n) for i in range(n)]
+    decided = sum(gold[i] != gold[j] for i, j in pairs)
+    return {"gold_agreement": agreement(rm, gold, pairs), "gold_pairs_sampled": n, "gold_pairs_decided": decided}
+
+
+def run(recipe: RewardRecipe, force: bool = False) -> Path:
+    if is_adapter(recipe.model.path):
+        raise UserError(f"model.path: {recipe.model.path} is a LoRA adapter; run `posttrain merge {recipe.model.path}` "
+                        "and start the reward model from its merged/ directory")
+    train_pairs, counts = load_pairs(recipe.data.train, recipe.data.columns, recipe.data.limit)
+    eval_pairs, eval_counts = load_pairs(recipe.data.eval) if recipe.data.eval else ([], {})
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        raise UserError(f"model.path: {recipe.model.path}'s tokenizer pads with its end token, so scores would depend "
+                        "on padding; start from an SFT run (it adds a dedicated pad token)")
+    n, over = recipe.data.max_length, recipe.reward.overlong
+    train_ids, len_stats = fit_length(tok, train_pairs, n, over, "train")
+    eval_ids, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
+
+    def dataset(ids):
+        return Dataset.from_dict({"chosen_ids": [p + c for p, c, _, _ in ids], "rejected_ids": [p + r for p, _, r, _ in ids]})
+
+    torch.manual_seed(recipe.seed)  # the new score head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(recipe.model.path, num_labels=1,
+                                                               trust_remote_code=recipe.model.trust_remote_code)
+    model.config.pad_token_id = tok.pad_token_id
+    check_max_length(model, n)
+
+    run_ = Run(recipe).start(force)
+    args = RewardConfig(**trainer_kwargs(recipe, run_, max_length=None, disable_dropout=True,
+                                         center_rewards_coefficient=recipe.reward.center_rewards))
+    peft_config = lora_config(recipe.model.lora, "SEQ_CLS") if recipe.model.lora else None
+    trainer = build_trainer(RewardTrainer, run_, model=model, args=args, train_dataset=dataset(train_ids),
+                            eval_dataset=dataset(eval_ids) if eval_ids else None, processing_class=tok,
+                            peft_config=peft_config)
+    train_metrics = fit(trainer, run_)
+    if not run_.main:
+        return run_.dir
+
+    model = trainer.model
+    if recipe.model.lora:
+        trainer.save_model(str(run_.dir / "adapter"))
+        model = model.merge_and_unload()
+    model.eval()
+    scorer = RewardScorer(model, tok)
+    summary: dict = {**{f"train_{k}": v for k, v in counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()},
+                     **len_stats, **eval_len_stats, "lora": recipe.model.lora is not None,
+                     "train_loss": train_metrics.get("train_loss")}
+    if eval_ids:
+        chosen = scorer.score_ids([p + c for p, c, _, _ in eval_ids])
+        rejected = scorer.score_ids([p + r for p, _, r, _ in eval_ids])
+        summary.update({f"eval_{k}": v for k, v in pairwise(chosen, rejected).items()})
+        summary["eval_chosen_mean"] = sum(chosen) / len(chosen)
+        summary["eval_rejected_mean"] = sum(rejected) / len(rejected)
+        run_.log(trainer.state.global_step, {"eval_pairwise_accuracy": summary["eval_accuracy"]})
+        histogram({"chosen": chosen, "rejected": rejected}, run_.plots_dir() / "score_histogram.png",
+                  f"held-out reward scores (pairwise accuracy {summary['eval_accuracy']:.3f})", "reward")
+    if recipe.eval.prompts and recipe.eval.verifier and recipe.reward.gold_pairs:
+        summary.update(gold_agreement(recipe, scorer))
+
+    model.save_pretrained(str(run_.dir))
+    tok.save_pretrained(str(run_.dir))
+    shutil.rmtree(run_.dir / "adapter" / "checkpoints", ignore_errors=True)
+    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "reward model loss", "pairwise loss")
+    print_summary("reward summary", summary)
+    notes = (f"A reward model (sequence classification, one output) initialised from `{recipe.model.path}` and trained "
+             f"on `{recipe.data.train}`. Load it with `AutoModelForSequenceClassification.from_pretrained('{run_.dir}')`.")
+    run_.finish(summary, model_card("Reward model", recipe, summary, notes))
+    return run_.dir
