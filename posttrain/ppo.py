@@ -1,0 +1,633 @@
+"""PPO for language models: classic RLHF (Ziegler et al. 2019, Ouyang et al. 2022), on torch + Accelerate.
+
+One iteration, `PPOTrainer.train_iteration(prompt_rows, prompt_ids)`, in order:
+
+1. Rollout. Left-pad this process's prompts and sample one response each from the policy with the KV cache
+   (`generate`, temperature, top_p). A response ends at its first stop token; the stop token belongs to
+   the response and is trained, everything after it is padding. `response_mask` is 1 on real response
+   tokens, 0 after them. Everything below works on tensors of shape [B, R] plus that mask.
+2. Score. `reward_fn(prompt_rows, responses, stopped)` returns a sequence score per response (a reward
+   model, a verifier, a mix: the caller decides). A response that never stopped loses `no_stop_penalty`.
+3. Log-probs and values, without gradients: the policy's log-prob of each sampled token ("old" log-probs),
+   the reference policy's log-prob of it, and the critic's value of the state before it.
+4. Per-token reward: reward_t = -kl_coef * KL_t, and the sequence score is added at the last real token.
+   KL_t estimates KL(policy || reference) from the sampled token: k1 = logp - logp_ref (unbiased, can be
+   negative) or k3 = (r - 1) - log r with r = p_ref / p (always >= 0, lower variance).
+5. GAE: delta_t = reward_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and A
+   zero past the last real token (the episode ends there, nothing is bootstrapped). Returns = A + V.
+   Advantages are whitened over the whole rollout batch (all processes) when `whiten_advantages`.
+6. Optimise, `ppo_epochs` passes over shuffled minibatches. With ratio = exp(logp - logp_old):
+   policy loss   = mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range))
+   value loss    = 0.5 * mean of max((V - G)^2, (V_clipped - G)^2), V_clipped = V_old + clip(V - V_old, +-clip_range_value)
+   loss          = policy loss + vf_coef * value loss - entropy_coef * entropy
+   then clip the gradient norm to `max_grad_norm` and take an AdamW step. Rewards, losses and gradient norms
+   are checked for NaN/inf first: `NonFiniteError` is raised before a bad optimizer step.
+7. KL control. Fixed kl_coef, or Ziegler's adaptive controller: e = clip(KL / target_kl - 1, -0.2, 0.2),
+   kl_coef *= 1 + e * n / kl_horizon, where KL is the mean per-sequence KL of this rollout and n the number
+   of sequences it held (all processes).
+
+The knobs (`PPOConfig`): rollout_batch_size (prompts per process per iteration), minibatch_size
+(sequences per optimizer step per process), ppo_epochs (passes over each rollout), lr, clip_range (how far
+the policy ratio may move before its gradient is cut), clip_range_value (same for the value), vf_coef
+(weight of the value loss), gamma and lam (GAE discount and bias/variance trade-off), kl_estimator (k1|k3),
+init_kl_coef, target_kl (None = fixed coefficient) and kl_horizon (how fast the adaptive one moves),
+entropy_coef (exploration bonus, 0 = off), max_new_tokens, temperature, top_p, no_stop_penalty,
+whiten_advantages, max_grad_norm, seed.
+
+Models. The policy is an HF causal LM, full or a peft `PeftModel` (LoRA). The reference is a frozen copy
+(`ref_policy`), or for a LoRA policy with no copy given, the policy itself with its adapters disabled, so a
+second model never sits in memory. The critic is either `value_model`, a sequence-classification model with
+one label (e.g. built from the reward model, as in Ouyang et al.) whose score head is applied to its hidden
+state at every position, or, when `value_model` is None, a value head: a zero-initialised Linear on the
+policy's last hidden states, sharing the policy's trunk (the value loss then trains the trunk too).
+
+Kept: everything above, data-parallel rollouts under `accelerate launch` (each process samples its own
+prompts; whitening and logged statistics are reduced over processes), bit-identical resume on CPU.
+Left out: reward whitening and clipping, learning-rate schedules, early stopping of the epochs on
+approx_kl, value-head dropout, a separate critic optimizer or clip norm (one AdamW, one joint gradient
+clip), top_p-exact log-probs (they come from the full tempered softmax, as in TRL), several samples per
+prompt (GRPO's territory), and FSDP / DeepSpeed (rollouts call the unwrapped model, which needs unsharded
+weights: use DDP). Losses are token means per process; DDP then averages the processes' gradients.
+
+Models stay in eval mode throughout: dropout would make the recomputed log-probs differ from the sampled
+ones, so the ratio would not start at 1.
+
+Also here: `detect_reward_hacking`, which reads the per-iteration proxy (reward model) and gold (verifier)
+means and flags where the first keeps climbing while the second falls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
+from torch import Tensor, nn
+
+from posttrain.errors import UserError
+
+Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on one process)
+
+# -- the math: pure functions on padded [B, R] tensors with a response mask ---------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """Mean over the positions where mask is 1 (over all processes when `reduce` sums across them)."""
+    total, count = (values * mask).sum(), mask.sum().to(values.dtype)
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    return total / count.clamp(min=1)
+
+
+def masked_var(values: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """Population variance (no Bessel correction) over the masked positions."""
+    mean = masked_mean(values, mask, reduce)
+    return masked_mean((values - mean) ** 2, mask, reduce)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Scale to unit variance (and zero mean if `shift_mean`) over the masked positions; padding becomes 0."""
+    mean, var = masked_mean(values, mask, reduce), masked_var(values, mask, reduce)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the log-probs of the sampled tokens."""
+    log_ratio = ref_logprobs - logprobs  # log r, r = p_ref / p
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of each row's last real token (masks are a prefix of ones)."""
+    return (mask.sum(1).long() - 1).clamp(min=0)
+
+
+def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """-kl_coef * KL at every real token, plus the sequence score at the last real token; 0 on padding."""
+    rewards = -kl_coef * kl * mask
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation -> (advantages, returns), both 0 on padding. The value after the
+    last real token is 0: the episode ends there, so nothing is bootstrapped from padding."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped surrogate -> (loss, clip_fraction, approx_kl). The max of the two terms is the pessimistic
+    one: a token whose ratio already moved past the clip range in its advantage's direction gets no gradient.
+    approx_kl is the k3 estimate of KL(old || new), a check on how far the epochs moved the policy."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss -> (loss, clip_fraction): the value may not move more than clip_range_value
+    from its rollout-time estimate per iteration without paying the larger of the two errors."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    err, err_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((err_clipped > err).float(), mask)
+    return loss, clip_fraction
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean per-token entropy of the distributions given by `logits` [B, R, V] over the masked tokens."""
+    probs = F.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return masked_mean(entropy, mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask, reduce) / masked_var(returns, mask, reduce).clamp(min=1e-8)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-prob of each token under the distribution of its logits: [B, R, V], [B, R] -> [B, R]."""
+    return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def position_ids_from(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, computed as HF `generate` does, so recomputed log-probs match."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token-id lists -> (ids, attention_mask), left-padded so that every response starts at one column."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+# -- KL control -------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: nudge kl_coef so that the per-sequence KL tracks `target`. The error is clipped
+    to +-20% and applied at a rate of n_steps / horizon per update (n_steps = sequences in the rollout)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+# -- reward hacking ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HackingCheck:
+    flagged: bool
+    iteration: int | None = None  # index into the series where the alarm fired
+    reason: str = ""
+
+
+def detect_reward_hacking(
+    proxy: Sequence[float],
+    gold: Sequence[float | None],
+    *,
+    window: int = 5,
+    min_proxy_rise: float = 0.05,
+    min_gold_drop: float = 0.02,
+    max_corr: float = -0.5,
+    patience: int = 2,
+) -> HackingCheck:
+    """Flag the first iteration where the proxy reward keeps rising while the gold reward falls.
+
+    At iteration t compare two adjacent windows of `window` iterations, A = [t-2w+1 .. t-w] and
+    B = [t-w+1 .. t] (window means are the smoothing), with
+      rise = mean_B(proxy) - mean_A(proxy),  drop = mean_A(gold) - mean_B(gold),
+      corr = Pearson correlation of proxy and gold over the iterations of A and B that have gold.
+    The condition holds at t when rise >= min_proxy_rise and either
+      drop >= min_gold_drop                       (divergence), or
+      drop > 0 and corr <= max_corr               (decorrelation: gold slides as proxy climbs).
+    The alarm fires at the first t where the condition has held for `patience` consecutive iterations.
+    Gold may be None/NaN where it was not measured; a window needs max(2, window // 2) gold values or
+    more, else t is undecided (and breaks a run of `patience`). Thresholds are in the series' own units: scale
+    min_proxy_rise to the reward model's scale.
+    """
+    def known(x):
+        return x is not None and math.isfinite(x)
+
+    run = 0
+    for t in range(2 * window - 1, len(proxy)):
+        a, b = range(t - 2 * window + 1, t - window + 1), range(t - window + 1, t + 1)
+        gold_a, gold_b = [gold[i] for i in a if known(gold[i])], [gold[i] for i in b if known(gold[i])]
+        if min(len(gold_a), len(gold_b)) < max(2, window // 2):
+            run = 0
+            continue
+        rise = sum(proxy[i] for i in b) / window - sum(proxy[i] for i in a) / window
+        drop = sum(gold_a) / len(gold_a) - sum(gold_b) / len(gold_b)
+        pairs = [(proxy[i], gold[i]) for i in (*a, *b) if known(gold[i])]
+        corr = _pearson(pairs)
+        diverged = drop >= min_gold_drop
+        decorrelated = drop > 0 and corr <= max_corr
+        run = run + 1 if rise >= min_proxy_rise and (diverged or decorrelated) else 0
+        if run >= patience:
+            how = "gold fell" if diverged else f"gold slid (correlation {corr:.2f})"
+            return HackingCheck(True, t, f"proxy rose {rise:+.3g} while {how} {-drop:+.3g}: mean of iterations "
+                                         f"{b[0]}-{b[-1]} vs {a[0]}-{a[-1]}, {patience} iterations in a row")
+    return HackingCheck(False)
+
+
+def _pearson(pairs: list[tuple[float, float]]) -> float:
+    n = len(pairs)
+    mx, my = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
+    sxy = sum((x - mx) * (y - my) for x, y in pairs)
+    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+# -- the trainer --------------------------------------------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf in rewards, the loss or the gradients. Raised on every process before the optimizer step
+    that would have used it; earlier minibatches of the same iteration may already have been applied, so
+    the caller should stop and keep (or resume from) its last checkpoint."""
+
+    def __init__(self, what: str, iteration: int):  # iteration counts from 1, as in the stats
+        self.what, self.iteration = what, iteration
+        super().__init__(f"non-finite {what} at PPO iteration {iteration}; stopped before the optimizer step. "
+                         "Resume from the last checkpoint, e.g. with a lower lr or a smaller clip range")
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = 16  # prompts (= responses) per process per iteration
+    minibatch_size: int = 8  # sequences per optimizer step per process
+    ppo_epochs: int = 2
+    lr: float = 1e-5
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    init_kl_coef: float = 0.05
+    target_kl: float | None = None  # per-sequence KL to aim for; None keeps kl_coef fixed
+    kl_horizon: int = 10000  # sequences over which the adaptive controller closes its error
+    entropy_coef: float = 0.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    no_stop_penalty: float = 0.0  # subtracted from the score of responses that never produce a stop token
+    whiten_advantages: bool = True
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+
+RewardFn = Callable[[list[dict], list[str], list[bool]], dict]
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. Sequences are [B, P + R] (prompt left-padded to P, response right-padded
+    to R); everything per response token is [B, R] and meaningful only where response_mask is 1."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    stopped: Tensor  # [B] bool: the response ended with a stop token
+    responses: list[str]  # decoded, stop token and padding excluded
+    score: Tensor  # [B] the optimised sequence reward, no_stop_penalty applied
+    logprobs: Tensor  # policy at sampling time ("old")
+    ref_logprobs: Tensor
+    values: Tensor
+    kl: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)  # "proxy", "gold" ... from reward_fn, for logging
+    time_generate: float = 0.0
+    time_score: float = 0.0
+
+    @property
+    def response_tokens(self) -> Tensor:
+        return self.input_ids[:, -self.response_mask.shape[1]:]
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and its critic as one module, so that Accelerate prepares (and DDP synchronises) them as
+    one. forward -> (logits, values) at the R positions that predict the last R tokens."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+        self.value_head = None
+        if critic is None:
+            p = next(policy.parameters())
+            self.value_head = nn.Linear(policy.config.hidden_size, 1, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.value_head.weight)  # values start at 0; identical on every process
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor]:
+        r = response_length
+        kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask))
+        out = self.policy(**kw, logits_to_keep=r + 1, output_hidden_states=self.critic is None, use_cache=False)
+        logits = out.logits[:, :-1].float()  # position P-1+t predicts response token t; fp32 for log_softmax
+        if self.critic is None:
+            values = self.value_head(out.hidden_states[-1][:, -r - 1:-1])
+        else:
+            hidden = self.critic.base_model(**kw, use_cache=False).last_hidden_state
+            values = self.critic.score(hidden[:, -r - 1:-1])
+        return logits, values.squeeze(-1).float()
+
+
+class PPOTrainer:
+    """PPO on an HF causal LM. Build it on every process, then call `train_iteration` once per batch of
+    prompts; checkpoint with `state_dict` / `load_state_dict`.
+
+    policy       causal LM, full or a peft PeftModel (only its trainable parameters are optimised)
+    value_model  sequence-classification model with num_labels=1 (its `score` head is applied at every
+                 position), or None for a value head on the policy's last hidden states
+    tokenizer    decodes responses for reward_fn; its pad token pads (stop_ids[0] if it has none)
+    reward_fn    (prompt_rows, responses, stopped) -> {"score": [B], optional "proxy": [B], "gold": [B] ...}:
+                 "score" is optimised; every other [B] entry is only averaged into the stats under its name
+    ref_policy   frozen reference; None with a PeftModel policy = the policy with adapters disabled
+    stop_ids     tokens that end a response (default: the tokenizer's EOS)
+    """
+
+    def __init__(self, policy, value_model, tokenizer, reward_fn: RewardFn, config: PPOConfig,
+                 accelerator: Accelerator | None = None, ref_policy=None, stop_ids: list[int] | None = None):
+        self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
+        self.accelerator = accelerator = accelerator or Accelerator()
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise UserError("ppo: FSDP and DeepSpeed are not supported (rollouts need unsharded weights); "
+                            "launch with the ddp or single accelerate config")
+        if ref_policy is None and not hasattr(policy, "disable_adapter"):
+            raise UserError("ppo: no reference policy: pass a frozen copy as ref_policy, or train a LoRA "
+                            "(peft) policy so that the reference is the policy with its adapters disabled")
+        if value_model is not None and getattr(value_model.config, "num_labels", None) != 1:
+            raise UserError("ppo: value_model must be a sequence-classification model with num_labels=1")
+        if value_model is not None and not isinstance(getattr(value_model, "score", None), nn.Module):
+            raise UserError("ppo: value_model has no `score` head (expected e.g. GPT2ForSequenceClassification)")
+        self.stop_ids = stop_ids or [tokenizer.eos_token_id]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+        device = accelerator.device
+        self.policy = policy.to(device).eval()  # eval: no dropout, see the module docstring
+        self.ref_policy = ref_policy
+        if ref_policy is not None:
+            self.ref_policy = ref_policy.to(device).eval().requires_grad_(False)
+        self.wrapper = PolicyAndValue(self.policy, value_model.to(device).eval() if value_model is not None else None)
+        params = [p for p in self.wrapper.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
+        self.model, self.optimizer = accelerator.prepare(self.wrapper, optimizer)
+
+        if config.target_kl is None:
+            self.kl_ctl = FixedKLController(config.init_kl_coef)
+        else:
+            self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        self.iteration = 0
+        self.last_rollout: Rollout | None = None  # for logging sample responses
+        # Our own RNG stream, swapped in around sampling and shuffling, so that whatever else the caller
+        # does with torch's global RNG (evaluation, reseeding) cannot change what the trainer samples.
+        self._cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if self._cuda else []):
+            torch.manual_seed(config.seed + accelerator.process_index)
+            self._rng = self._get_rng()
+
+    # -- one iteration ---------------------------------------------------------------------------------
+
+    def train_iteration(self, prompt_rows: list[dict], prompt_ids: list[list[int]]) -> dict[str, float]:
+        """Rollout on these prompts, ppo_epochs of minibatch updates, KL controller update -> flat stats."""
+        with self._own_rng():
+            rollout = self.rollout(prompt_rows, prompt_ids)
+            stats = self._rollout_stats(rollout)
+            start = time.perf_counter()
+            stats.update(self._optimize(rollout))
+            stats["time_train"] = time.perf_counter() - start
+        self.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids) * self.accelerator.num_processes)
+        self.iteration += 1
+        self.last_rollout = rollout
+        return {"iteration": self.iteration, **stats}
+
+    @torch.no_grad()
+    def rollout(self, prompt_rows: list[dict], prompt_ids: list[list[int]]) -> Rollout:
+        """Steps 1-5 of the module docstring: sample, score, log-probs and values, shaped rewards, GAE."""
+        c, device = self.config, self.accelerator.device
+        if len(prompt_ids) != c.rollout_batch_size:  # DDP needs the same number of steps on every process
+            raise ValueError(f"expected rollout_batch_size={c.rollout_batch_size} prompts, got {len(prompt_ids)}")
+
+        start = time.perf_counter()
+        prompts, prompt_mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
+        sequences = self.policy.generate(  # the unwrapped policy: no DDP hooks, KV cache on
+            input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
+            temperature=c.temperature, top_p=c.top_p, top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+        )
+        response = sequences[:, prompts.shape[1]:]
+        is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=device))
+        after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # strictly after the first stop token
+        response_mask = (~after_stop).long()
+        response = response.masked_fill(after_stop, self.pad_id)
+        stopped = is_stop.any(1)
+        input_ids = torch.cat([prompts, response], 1)
+        attention_mask = torch.cat([prompt_mask, response_mask], 1)
+        time_generate = time.perf_counter() - start
+
+        start = time.perf_counter()
+        responses = [self.tokenizer.decode(r[m.bool() & ~s.bool()].tolist(), skip_special_tokens=False)
+                     for r, m, s in zip(response, response_mask, is_stop, strict=True)]
+        out = self.reward_fn(prompt_rows, responses, stopped.tolist())
+        extra = {k: torch.as_tensor(v, dtype=torch.float, device=device) for k, v in out.items()}
+        score = extra.pop("score")
+        if score.shape != stopped.shape:
+            raise ValueError(f"reward_fn must return one score per response, got shape {tuple(score.shape)}")
+        self._check_finite("reward", score)
+        score = score - c.no_stop_penalty * (~stopped).float()
+
+        logprobs, values, ref_logprobs = [], [], []
+        r = response.shape[1]
+        for i in range(0, len(input_ids), c.minibatch_size):
+            ids, mask = input_ids[i:i + c.minibatch_size], attention_mask[i:i + c.minibatch_size]
+            logits, v = self.wrapper(ids, mask, r)
+            logprobs.append(token_logprobs(logits / c.temperature, response[i:i + c.minibatch_size]))
+            values.append(v)
+            ref_logprobs.append(self._ref_logprobs(ids, mask, r))
+        logprobs, values, ref_logprobs = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+
+        mask = response_mask.float()
+        values = values * mask
+        kl = kl_per_token(logprobs, ref_logprobs, c.kl_estimator) * mask
+        rewards = shaped_rewards(score, kl, mask, self.kl_ctl.value)
+        advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce=self._sum)
+        return Rollout(input_ids, attention_mask, mask, stopped, responses, score, logprobs, ref_logprobs, values,
+                       kl, rewards, advantages, returns, extra, time_generate, time.perf_counter() - start)
+
+    def _ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, r: int) -> Tensor:
+        if self.ref_policy is not None:
+            model, context = self.ref_policy, contextlib.nullcontext()
+        else:
+            model, context = self.policy, self.policy.disable_adapter()
+        with context:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from(attention_mask), logits_to_keep=r + 1, use_cache=False).logits
+        return token_logprobs(logits[:, :-1].float() / self.config.temperature, input_ids[:, -r:])
+
+    def _optimize(self, ro: Rollout) -> dict[str, float]:
+        """Step 6: ppo_epochs passes over shuffled minibatches of the rollout."""
+        c = self.config
+        r = ro.response_mask.shape[1]
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(len(ro.input_ids)).to(self.accelerator.device)
+            for i in range(0, len(order), c.minibatch_size):
+                mb = order[i:i + c.minibatch_size]
+                mask = ro.response_mask[mb]
+                logits, values = self.model(ro.input_ids[mb], ro.attention_mask[mb], r)
+                logits = logits / c.temperature
+                logprobs = token_logprobs(logits, ro.response_tokens[mb])
+                pg_loss, clip_fraction, approx_kl = policy_loss(logprobs, ro.logprobs[mb], ro.advantages[mb], mask,
+                                                                c.clip_range)
+                vf_loss, vf_clip_fraction = value_loss(values, ro.values[mb], ro.returns[mb], mask,
+                                                       c.clip_range_value)
+                with torch.set_grad_enabled(c.entropy_coef > 0):  # no graph through the softmax when unused
+                    entropy = entropy_from_logits(logits, mask)
+                loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * entropy
+                self._check_finite("loss", loss)
+                self.accelerator.backward(loss)
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
+                self._check_finite("gradients", grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
+                             ("approx_kl", approx_kl), ("value_clip_fraction", vf_clip_fraction),
+                             ("entropy", entropy), ("grad_norm", grad_norm)):
+                    sums[k] += v.item()
+                steps += 1
+        n = self.accelerator.num_processes
+        return {k: self._sum(torch.tensor(v / steps, device=self.accelerator.device)).item() / n
+                for k, v in sums.items()}
+
+    def _rollout_stats(self, ro: Rollout) -> dict[str, float]:
+        """Means over every sequence of every process."""
+        ones = torch.ones_like(ro.score)
+
+        def mean(x: Tensor) -> float:
+            return masked_mean(x.float(), ones, self._sum).item()
+
+        stats = {"score": mean(ro.score)}
+        stats.update({k: mean(v) for k, v in ro.extra.items() if v.shape == ro.score.shape})
+        stats.update(
+            kl=mean(ro.kl.sum(1)), kl_coef=self.kl_ctl.value, response_length=mean(ro.response_mask.sum(1)),
+            stop_rate=mean(ro.stopped), explained_variance=explained_variance(
+                ro.values, ro.returns, ro.response_mask, self._sum).item(),
+            time_generate=ro.time_generate, time_score=ro.time_score,
+        )
+        return stats
+
+    def _sum(self, x: Tensor) -> Tensor:
+        return self.accelerator.reduce(x, "sum")
+
+    def _check_finite(self, what: str, x: Tensor) -> None:
+        """Every process raises together, so none is left waiting in a collective."""
+        bad = torch.tensor(float(not torch.isfinite(x).all()), device=self.accelerator.device)
+        if self._sum(bad).item() > 0:
+            raise NonFiniteError(what, self.iteration + 1)
+
+    # -- random state ------------------------------------------------------------------------------------
+
+    def _get_rng(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self._cuda:
+            state["cuda"] = torch.cuda.get_rng_state(self.accelerator.device)
+        return state
+
+    @contextlib.contextmanager
+    def _own_rng(self):
+        with torch.random.fork_rng(devices=[self.accelerator.device] if self._cuda else []):
+            torch.set_rng_state(self._rng["cpu"])
+            if self._cuda:
+                torch.cuda.set_rng_state(self._rng["cuda"], self.accelerator.device)
+            yield
+            self._rng = self._get_rng()
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically: trainable parameters (policy adapters or weights,
+        critic or value head), optimizer, KL coefficient, iteration and every process's RNG state. Call it
+        on every process (it gathers the RNG states); save it from the main process with `torch.save`."""
+        params = {k: v.detach().cpu().clone() for k, v in self.wrapper.named_parameters() if v.requires_grad}
+        return {
+            "iteration": self.iteration,
+            "params": params,
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "kl_coef": self.kl_ctl.value,
+            "rng": gather_object([self._rng]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` into a trainer built the same way (same models, config and processes)."""
+        missing = {k for k, v in self.wrapper.named_parameters() if v.requires_grad} - set(state["params"])
+        if missing:
+            raise ValueError(f"checkpoint lacks trainable parameters, e.g. {sorted(missing)[:3]}")
+        self.wrapper.load_state_dict(state["params"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.iteration = state["iteration"]
+        rngs = state["rng"]
+        if len(rngs) != self.accelerator.num_processes:
+            raise ValueError(f"checkpoint was written by {len(rngs)} processes, this run has "
+                             f"{self.accelerator.num_processes}")
+        self._rng = rngs[self.accelerator.process_index]

@@ -1,0 +1,265 @@
+"""RLHF with PPO (posttrain/ppo.py), from a chat model against a reward model and/or the gold verifier.
+
+Reads:  model.path (the starting policy, usually the SFT run; also the frozen reference), model.lora,
+        data.train (prompts, + gold fields for the verifier), data.max_length (prompt + answer must
+        fit), ppo.* (reward sources, critic, PPO knobs, the hacking monitor), train.lr / max_grad_norm /
+        save_every / keep_checkpoints, eval.* (greedy evaluation prompts).
+Writes: the policy (or its LoRA adapter), eval_answers.jsonl, plots of every logged curve, and the
+        usual run files; checkpoints every train.save_every iterations for resume.
+Reports: per iteration proxy reward (reward model, in standard deviations of the starting policy's
+        answers), gold reward, KL, entropy, clip fraction, approx-KL, value loss, explained variance,
+        answer length and generate/train time; at the end the gold metrics, KL to the reference, and
+        whether the proxy rose while gold fell (reward hacking).
+
+The optimised score of an answer is rm_weight * proxy + gold_weight * gold, minus no_stop_penalty when
+it never ends. The proxy is standardised with the mean and spread of the reward model's scores on the
+starting policy's own answers, so its units (and the monitor's thresholds) mean the same for any
+reward model.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from posttrain import data as datalib
+from posttrain.errors import UserError
+from posttrain.evaluate import answer, evaluate_prompts, gold_metrics, policy_kl
+from posttrain.models import check_max_length, load_causal_lm, load_tokenizer, lora_config, prompt_ids, stop_ids
+from posttrain.plots import curves
+from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer, detect_reward_hacking
+from posttrain.preference import RewardScorer
+from posttrain.recipe import PpoRecipe
+from posttrain.runs import Run, model_card, print_summary, write_atomic
+from posttrain.training import Progress
+
+
+def load_prompts(recipe: PpoRecipe, tok, limit_context: int) -> tuple[list[dict], list[list[int]]]:
+    """Prompt rows and their token ids; empty prompts and prompts too long to answer are errors."""
+    table = datalib.load(recipe.data.train, recipe.data.columns, recipe.data.limit)
+    datalib.validate(table, "prompts")
+    ids = []
+    for i, row in enumerate(table):
+        text = row["prompt"] if isinstance(row["prompt"], str) else " ".join(m["content"] for m in row["prompt"])
+        if not text.strip():
+            raise UserError(f"{table.where(i)}: empty prompt; remove the row")
+        p = prompt_ids(tok, row["prompt"])
+        if len(p) + recipe.ppo.max_new_tokens > limit_context:
+            raise UserError(f"{table.where(i)}: prompt is {len(p)} tokens, and with ppo.max_new_tokens="
+                            f"{recipe.ppo.max_new_tokens} it exceeds data.max_length={limit_context}; shorten it or raise the limit")
+        ids.append(p)
+    return table.rows, ids
+
+
+def reward_fn_for(recipe: PpoRecipe, scorer: RewardScorer | None, verifier, norm: tuple[float, float]):
+    """(rows, answers, stopped) -> {"score", "proxy", "gold"}: what PPO optimises and what it logs."""
+    mu, sigma = norm
+    rm_w, gold_w = recipe.ppo.rm_weight, recipe.ppo.gold_weight
+
+    def fn(rows: list[dict], answers: list[str], stopped: list[bool]) -> dict:
+        out: dict = {}
+        score = torch.zeros(len(answers))
+        if scorer is not None:
+            proxy = (torch.tensor(scorer.score([r["prompt"] for r in rows], answers)) - mu) / sigma
+            out["proxy"] = proxy
+            score += rm_w * proxy
+        if verifier is not None:
+            gold = torch.tensor([verifier.score(r, a, s).total for r, a, s in zip(rows, answers, stopped, strict=True)])
+            out["gold"] = gold
+            score += gold_w * gold
+        out["score"] = score
+        return out
+
+    return fn
+
+
+def proxy_norm(scorer: RewardScorer, policy, tok, rows: list[dict], recipe: PpoRecipe) -> tuple[float, float]:
+    """Mean and standard deviation of the reward model on the starting policy's own sampled answers."""
+    gens = answer(policy, tok, rows, max_new_tokens=recipe.ppo.max_new_tokens, temperature=recipe.ppo.temperature,
+                  seed=recipe.seed)
+    raw = torch.tensor(scorer.score([r["prompt"] for r in rows], [g.text for g in gens]))
+    return raw.mean().item(), max(raw.std().item(), 1e-6)
+
+
+def run(recipe: PpoRecipe, force: bool = False) -> Path:
+    p = recipe.ppo
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    if not tok.chat_template:
+        raise UserError(f"model.path: {recipe.model.path} has no chat template; PPO starts from a chat model (run SFT first)")
+    rows, ids = load_prompts(recipe, tok, recipe.data.max_length)
+    if len(rows) < p.rollout_batch_size * accelerator.num_processes:
+        raise UserError(f"data.train: {len(rows)} prompts, fewer than one rollout batch "
+                        f"({p.rollout_batch_size} x {accelerator.num_processes} processes)")
+    policy = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
+    if hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    check_max_length(policy, recipe.data.max_length)
+    ref = None
+    if recipe.model.lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(recipe.model.lora, "CAUSAL_LM"))
+    else:
+        ref = load_causal_lm(recipe.model.path, recipe.model.dtype, tokenizer=tok)
+        ref = ref.merge_and_unload() if hasattr(ref, "merge_and_unload") else ref
+
+    scorer = RewardScorer.load(p.reward_model, accelerator.device) if p.reward_model else None
+    verifier = None
+    if p.verifier:
+        from posttrain.world.verifier import Verifier
+
+        verifier = Verifier.from_dir(p.verifier)
+    critic = None
+    if p.value_model == "reward":
+        if scorer.tok.get_vocab() != tok.get_vocab():
+            raise UserError("ppo.value_model: the reward model's tokenizer differs from the policy's, so it cannot be "
+                            "the critic (rewards still work, by text); set ppo.value_model: head")
+        from transformers import AutoModelForSequenceClassification
+
+        critic = AutoModelForSequenceClassification.from_pretrained(p.reward_model)
+
+    run_ = Run(recipe).start(force)
+    norm = (0.0, 1.0)
+    if scorer is not None:
+        norm = proxy_norm(scorer, policy, tok, rows[: max(64, p.rollout_batch_size)], recipe)
+    config = PPOConfig(
+        rollout_batch_size=p.rollout_batch_size, minibatch_size=p.minibatch_size, ppo_epochs=p.ppo_epochs,
+        lr=recipe.train.lr, clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
+        gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator, init_kl_coef=p.init_kl_coef, target_kl=p.target_kl,
+        kl_horizon=p.kl_horizon, entropy_coef=p.entropy_coef, max_new_tokens=p.max_new_tokens,
+        temperature=p.temperature, top_p=p.top_p, no_stop_penalty=p.no_stop_penalty,
+        whiten_advantages=p.whiten_advantages, max_grad_norm=recipe.train.max_grad_norm, seed=recipe.seed,
+    )
+    trainer = PPOTrainer(policy, critic, tok, reward_fn_for(recipe, scorer, verifier, norm), config,
+                         accelerator=accelerator, ref_policy=ref, stop_ids=stop_ids(tok))
+
+    start = 0
+    ckpt = run_.resume_from() if run_.main else run_.last_checkpoint()
+    if ckpt is not None:
+        trainer.load_state_dict(torch.load(ckpt / "ppo.pt", weights_only=True))
+        start = trainer.iteration
+    eval_rows = datalib.load(recipe.eval.prompts, limit=recipe.eval.limit).rows if recipe.eval.prompts else []
+    order = _prompt_order(len(rows), p.iterations * p.rollout_batch_size * accelerator.num_processes, recipe.seed)
+    progress = Progress(p.iterations, "ppo")
+    progress.start(p.iterations, start)
+    history = [r for r in run_.metrics() if "proxy" in r or "gold" in r]
+    for it in range(start, p.iterations):
+        lo = (it * accelerator.num_processes + accelerator.process_index) * p.rollout_batch_size
+        batch = order[lo : lo + p.rollout_batch_size]
+        try:
+            stats = trainer.train_iteration([rows[i] for i in batch], [ids[i] for i in batch])
+        except NonFiniteError as e:
+            last = run_.last_checkpoint()
+            raise UserError(f"{e}; the last good checkpoint is {last or 'none (no checkpoint yet)'}") from None
+        if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None and run_.main:
+            stats.update(_greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, scorer, norm, recipe))
+        history.append(stats)
+        run_.log(it + 1, stats)
+        progress.note({"reward": stats.get("proxy", stats["score"]), "gold": stats.get("gold", float("nan")), "kl": stats["kl"]})
+        progress.update(it + 1)
+        if (it + 1) % recipe.train.save_every == 0 or it + 1 == p.iterations:
+            _checkpoint(run_, trainer, it + 1, recipe.train.keep_checkpoints, accelerator)
+    progress.stop()
+    if not run_.main:
+        return run_.dir
+
+    summary: dict = {"iterations": p.iterations, "prompts": len(rows), "lora": recipe.model.lora is not None,
+                     "reward": _reward_name(recipe), "proxy_norm_mean": norm[0], "proxy_norm_std": norm[1]}
+    last = history[-min(len(history), 5):]
+    for key in ("score", "proxy", "gold", "kl", "response_length", "stop_rate"):
+        if all(key in h for h in last):
+            summary[f"final_{key}"] = sum(h[key] for h in last) / len(last)
+    generate_s = sum(h.get("time_generate", 0) for h in history)
+    train_s = sum(h.get("time_train", 0) for h in history)
+    summary["time_generate_fraction"] = generate_s / max(generate_s + train_s, 1e-9)
+    if scorer is not None and verifier is not None:
+        check = detect_reward_hacking([h["proxy"] for h in history], [h.get("gold") for h in history],
+                                      window=p.monitor.window, min_proxy_rise=p.monitor.min_proxy_rise,
+                                      min_gold_drop=p.monitor.min_gold_drop, patience=p.monitor.patience)
+        summary["reward_hacking"] = check.flagged
+        summary["reward_hacking_iteration"] = check.iteration + 1 if check.flagged else None
+        summary["reward_hacking_reason"] = check.reason
+        if check.flagged:
+            print(f"REWARD HACKING at iteration {check.iteration + 1}: {check.reason}")
+    policy = trainer.policy
+    if eval_rows:
+        result = evaluate_prompts(policy, tok, recipe.eval, run_.dir)
+        summary.update(result.metrics)
+        if scorer is not None:
+            raw = scorer.score([r["prompt"] for r in result.rows], [g.text for g in result.gens])
+            summary["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
+        summary["kl_to_ref"] = policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)
+
+    policy.save_pretrained(str(run_.dir))
+    tok.save_pretrained(str(run_.dir))
+    _plots(run_)
+    print_summary("ppo summary", summary)
+    notes = (f"`{recipe.model.path}` optimised with PPO for {p.iterations} iterations against {summary['reward']}. "
+             "See plots/ for the proxy and gold reward, KL and the other PPO curves.")
+    run_.finish(summary, model_card("PPO policy", recipe, summary, notes))
+    return run_.dir
+
+
+def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
+    """Prompt indices for the whole run: reshuffled passes over the prompts, as many as needed."""
+    rng, order = random.Random(seed), []
+    while len(order) < needed:
+        epoch = list(range(n))
+        rng.shuffle(epoch)
+        order += epoch
+    return order
+
+
+def _greedy_eval(policy, tok, rows, verifier, scorer, norm, recipe: PpoRecipe) -> dict:
+    gens = answer(policy, tok, rows, max_new_tokens=recipe.ppo.max_new_tokens)
+    scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
+    m = gold_metrics(rows, scores, gens)
+    out = {"eval_gold": m["gold_score"], "eval_fact_accuracy": m.get("fact_accuracy"),
+           "eval_refusal_rate": m.get("refusal_rate"), "eval_mean_tokens": m["mean_tokens"]}
+    if scorer is not None:
+        raw = scorer.score([r["prompt"] for r in rows], [g.text for g in gens])
+        out["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _checkpoint(run_: Run, trainer: PPOTrainer, iteration: int, keep: int, accelerator: Accelerator) -> None:
+    """Write checkpoint-N atomically (staging folder, then rename) and keep the newest `keep`."""
+    state = trainer.state_dict()  # every process: it gathers the RNG states
+    if run_.main:
+        staging = run_.checkpoints / ".staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        torch.save(state, staging / "ppo.pt")
+        write_atomic(staging / "iteration", f"{iteration}\n")
+        final = run_.checkpoints / f"checkpoint-{iteration}"
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        done = sorted(run_.checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+        for old in done[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _reward_name(recipe: PpoRecipe) -> str:
+    p = recipe.ppo
+    parts = []
+    if p.reward_model:
+        parts.append(f"{p.rm_weight:g} x reward model {p.reward_model}")
+    if p.gold_weight:
+        parts.append(f"{p.gold_weight:g} x gold verifier")
+    return " + ".join(parts)
+
+
+def _plots(run_: Run) -> None:
+    rows, plots = run_.metrics(), run_.plots_dir()
+    curves(rows, ["proxy", "gold", "eval_proxy", "eval_gold"], plots / "reward.png", "proxy (reward model) vs gold reward")
+    curves(rows, ["kl", "kl_coef"], plots / "kl.png", "KL to the reference (per answer)")
+    curves(rows, ["entropy", "approx_kl", "clip_fraction", "value_clip_fraction"], plots / "policy.png", "policy update")
+    curves(rows, ["value_loss", "explained_variance"], plots / "value.png", "critic")
+    curves(rows, ["response_length", "stop_rate"], plots / "length.png", "answers")
+    curves(rows, ["time_generate", "time_train", "time_score"], plots / "time.png", "seconds per iteration", "s")
