@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow  the long end-to-end tests (minutes each)"
 	@echo "make world      generate runs/world/data"
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
+	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2|zero3)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed
@@ -55,16 +56,49 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check posttrain tests
 
-# --- the built-in world ---------------------------------------------------------------------------
+# --- stages ---------------------------------------------------------------------------------------
+# `make <stage>` runs recipes/world/<stage>.yaml (RECIPE=... for another) and first the stages it
+# needs, each skipped when its run directory is done with the same recipe. GPUS=N launches N
+# processes through `accelerate launch` with recipes/accelerate/$(ACCEL).yaml.
+
+GPUS  ?= 1
+ACCEL ?= ddp
+ifeq ($(GPUS),1)
+LAUNCH := $(PT)
+else
+LAUNCH := $(BIN)/accelerate launch --config_file recipes/accelerate/$(ACCEL).yaml --num_processes $(GPUS) -m posttrain.cli
+endif
+# With RECIPE given, prerequisites are yours to run: they may not be the world's.
+needs = $(if $(RECIPE),setup,$(1))
+recipe = $(if $(RECIPE),$(RECIPE),recipes/world/$(1).yaml)
+
+.PHONY: sft classify reward dpo ppo compare
 
 world: setup
-	$(PT) world $(if $(RECIPE),$(RECIPE),recipes/world/world.yaml)
+	$(PT) world $(call recipe,world)
 
-base: world
-	$(PT) pretrain $(if $(RECIPE),$(RECIPE),recipes/world/base.yaml)
+base: $(call needs,world)
+	$(LAUNCH) pretrain $(call recipe,base)
 
-pipeline: base
-	@echo "pipeline done: runs/world/base (summary: runs/world/base/summary.json)"
+sft: $(call needs,base)
+	$(LAUNCH) sft $(call recipe,sft)
+
+classify: $(call needs,base)
+	$(LAUNCH) classify $(call recipe,classify)
+
+reward: $(call needs,sft)
+	$(LAUNCH) reward $(call recipe,reward)
+
+dpo: $(call needs,sft)
+	$(LAUNCH) dpo $(call recipe,dpo)
+
+ppo: $(call needs,reward)
+	$(LAUNCH) ppo $(call recipe,ppo)
+
+# --- the whole pipeline on the built-in world ---------------------------------------------------------
+
+pipeline: world base sft classify reward dpo ppo
+	@echo "pipeline done; summaries in runs/world/*/summary.json"
 
 clean:
 	rm -rf runs

