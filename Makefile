@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow  the long end-to-end tests (minutes each)"
 	@echo "make world      generate runs/world/data"
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
+	@echo "make compare    base vs SFT vs DPO vs PPO on the eval prompts (runs/world/compare)"
 	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2|zero3)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
@@ -97,8 +98,14 @@ ppo: $(call needs,reward)
 
 # --- the whole pipeline on the built-in world ---------------------------------------------------------
 
-pipeline: world base sft classify reward dpo ppo
-	@echo "pipeline done; summaries in runs/world/*/summary.json"
+# base, SFT, DPO and PPO answer the same eval prompts, scored by the gold verifier and the reward model.
+compare: $(call needs,dpo ppo)
+	$(PT) compare base=runs/world/base sft=runs/world/sft dpo=runs/world/dpo ppo=runs/world/ppo \
+		--reward runs/world/reward --ref sft --out runs/world/compare
+
+pipeline: world base sft classify reward dpo ppo compare
+	@echo "pipeline done: summaries in runs/world/*/summary.json, report in runs/world/compare/report.html"
 
 clean:
 	rm -rf runs
+

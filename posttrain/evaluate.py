@@ -175,6 +175,9 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
     from posttrain.world.verifier import Verifier
 
     table = datalib.load(cfg.prompts, limit=cfg.limit)
+    if "prompt" not in table.rows[0] and "instruction" in table.rows[0]:  # Alpaca records: instruction (+ input) asks
+        table.rows = [{**r, "prompt": datalib.alpaca_to_messages({**r, "output": ""})[0]["content"]}
+                      if "instruction" in r else r for r in table.rows]
     datalib.validate(table, "prompts")
     rows = table.rows
     gens = answer(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -190,7 +193,8 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
             raise UserError(f"{table.where(unscored)}: eval.verifier needs gold fields (kind, expected, ...) on every "
                             "prompt; this row has none (drop eval.verifier for prompts without gold answers)")
         verifier = Verifier.from_dir(cfg.verifier)
-        scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
+        chat = tokenizer.chat_template is not None
+        scores = [verifier.score(r, g.text, g.stopped, chat) for r, g in zip(rows, gens, strict=True)]
         metrics.update(gold_metrics(rows, scores, gens))
     with (Path(out_dir) / "eval_answers.jsonl").open("w") as f:
         for i, (r, g) in enumerate(zip(rows, gens, strict=True)):

@@ -204,11 +204,11 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
         m["sampled_distinct_2"] = distinct_n([g.text for g in flat], 2)
     result = Result(name, greedy, sampled)
     if verifier is not None:
-        scores = _gold(verifier, rows, greedy, suite)
+        scores = _gold(verifier, rows, greedy, suite, tok)
         m.update(gold_metrics(rows, scores, greedy))
         result.gold = [s.total for s in scores]
         if flat:
-            sampled_scores = [s for gens in sampled for s in _gold(verifier, rows, gens, suite)]
+            sampled_scores = [s for gens in sampled for s in _gold(verifier, rows, gens, suite, tok)]
             m["sampled_gold_score"] = _mean([s.total for s in sampled_scores])
             m["sampled_format_rate"] = _mean([s.format for s in sampled_scores])
     prompts = [r["prompt"] for r in rows]
@@ -237,9 +237,10 @@ def _mean(xs: list) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _gold(verifier, rows: list[dict], gens: list, suite: Suite) -> list:
+def _gold(verifier, rows: list[dict], gens: list, suite: Suite, tok) -> list:
+    chat = tok.chat_template is not None  # a base model continuing text is never in the chat format
     try:
-        return [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
+        return [verifier.score(r, g.text, g.stopped, chat) for r, g in zip(rows, gens, strict=True)]
     except KeyError as e:
         raise UserError(f"{suite.prompts}: {e.args[0]}; is verifier {suite.verifier} the world these prompts come from?") from None
 

@@ -31,7 +31,7 @@ RUDE_PENALTY = 0.25
 
 @dataclass
 class Score:
-    format: bool  # stopped by itself, one clean line of prose, no template tokens
+    format: bool  # a chat answer that stopped by itself: one clean line of prose, no template tokens
     stopped: bool
     correct: bool  # the task was done right (fact stated, refusal given, sum right ...)
     false_claims: int  # claims about the person that contradict the world
@@ -82,8 +82,12 @@ class Verifier:
         found = claims(text)
         return sum(len(values - {person.value(attr)}) for attr, values in found.items())
 
-    def score(self, row: dict, answer: str, stopped: bool = True) -> Score:
-        """Score `answer` to the prompt `row` (an eval/ppo prompt row carrying its gold fields)."""
+    def score(self, row: dict, answer: str, stopped: bool = True, chat: bool = True) -> Score:
+        """Score `answer` to the prompt `row` (an eval/ppo prompt row carrying its gold fields).
+
+        `chat`: the answer came through a chat template. A base model merely continuing the
+        question's text has no assistant format to follow, so its answers are never in format, even
+        when a continuation happens to be one clean sentence that ends at EOS."""
         kind = row["kind"]
         person = self.people.get(row.get("person", ""))
         if row.get("person") and person is None:
@@ -102,7 +106,7 @@ class Verifier:
             correct = not refused and skill_result(answer, row["skill"]) == row["expected"]
         else:
             raise ValueError(f"unknown prompt kind {kind!r}")
-        fmt = well_formed(answer, stopped)
+        fmt = chat and well_formed(answer, stopped)
         concise = len(sentences(answer)) <= 1
         polite = not is_rude(answer)
         total = 0.0
