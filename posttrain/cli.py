@@ -91,7 +91,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from posttrain.recipe import check_inputs, load_recipe
-    from posttrain.runs import AlreadyDone
+    from posttrain.runs import AlreadyDone, is_main_process
 
     recipe = load_recipe(args.recipe, args.overrides, stage=name)
     check_inputs(recipe)
@@ -99,9 +99,11 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     try:
         out = module.run(recipe, force=args.force)
     except AlreadyDone as done:
-        print(f"{done} is already done with this recipe; skipping (use --force to run it again)")
+        if is_main_process():
+            print(f"{done} is already done with this recipe; skipping (use --force to run it again)")
         return 0
-    print(f"{name} done: {out}")
+    if is_main_process():  # under `accelerate launch` the other processes return as soon as training ends
+        print(f"{name} done: {out}")
     return 0
 
 

@@ -172,6 +172,7 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
     is named, write eval_answers.jsonl and print a few."""
     from posttrain import data as datalib
     from posttrain.errors import UserError
+    from posttrain.models import context_length, prompt_ids
     from posttrain.world.verifier import Verifier
 
     table = datalib.load(cfg.prompts, limit=cfg.limit)
@@ -179,11 +180,24 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
         table.rows = [{**r, "prompt": datalib.alpaca_to_messages({**r, "output": ""})[0]["content"]}
                       if "instruction" in r else r for r in table.rows]
     datalib.validate(table, "prompts")
+    skipped, ctx = 0, context_length(model) if model is not None else None
+    if ctx is not None:  # an answer needs eval.max_new_tokens positions after its prompt in the model's context
+        fits = [i for i, r in enumerate(table.rows) if len(prompt_ids(tokenizer, r["prompt"])) + cfg.max_new_tokens <= ctx]
+        if not fits:
+            raise UserError(f"eval.prompts: no prompt leaves eval.max_new_tokens={cfg.max_new_tokens} positions free in the "
+                            f"model's {ctx}-token context; lower eval.max_new_tokens")
+        skipped = len(table) - len(fits)
+        if skipped:
+            print(f"note: {skipped} of {len(table)} eval prompts leave fewer than eval.max_new_tokens={cfg.max_new_tokens} "
+                  f"of the model's {ctx} positions for the answer: skipped")
+            table = table.select(fits)
     rows = table.rows
     gens = answer(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                   temperature=temperature, seed=seed)
     metrics = {"eval_prompts": len(rows), "stop_rate": _rate([g.stopped for g in gens]),
                "mean_tokens": sum(g.tokens for g in gens) / len(gens)}
+    if skipped:
+        metrics["eval_prompts_skipped_long"] = skipped
     scores = []
     if cfg.verifier:
         if not (Path(cfg.verifier) / "world.json").exists():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,15 +184,17 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
     # ImportError in every process, after the launcher has started them.
     if launch.distributed_type == "DEEPSPEED" and not deepspeed:
         raise UserError(f"{where}: the deepspeed package is not installed; `pip install deepspeed` (needs a CUDA "
-                        "toolkit), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
+                        "toolkit), or launch with recipes/accelerate/ddp.yaml")
 
     if not cuda:
-        _check_no_cuda(recipe, launch, n, where)
+        notes += _check_no_cuda(recipe, launch, n, where)
 
     if launch.distributed_type == "FSDP":
         notes += _check_fsdp(recipe, launch, where)
     if launch.distributed_type == "DEEPSPEED":
         notes += _check_deepspeed(recipe, launch, where)
+    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
+        raise UserError(sharded_refusal(where))
 
     if cuda and n > 1:
         import torch
@@ -203,8 +206,25 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
     return notes
 
 
-def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> None:
-    """Rules for a machine without a CUDA GPU."""
+def _zero_stage(launch: Launch) -> int:
+    return int(launch.deepspeed.get("zero_stage", 2))  # accelerate's default (DeepSpeedPlugin.__post_init__)
+
+
+def sharded_refusal(where: str) -> str:
+    """Why FSDP and ZeRO-3 are refused (here, and by posttrain/training.py build_trainer at run time)."""
+    # posttrain/stages/*.py: once training ends, the other processes return and rank 0 alone
+    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under FSDP (1 or 2)
+    # and ZeRO-3 every process holds only a shard of the weights, so a forward pass on rank 0 alone,
+    # or Trainer.save_model there (transformers/trainer.py save_model: accelerator.get_state_dict
+    # gathers from every process), waits for processes that have left: the run would hang after training.
+    return (f"{where}: posttrain's stages finish (evaluate, save) on rank 0 alone, which needs the whole model "
+            "there; FSDP and ZeRO-3 keep a shard per process, so the run would hang after training. Use "
+            "recipes/accelerate/zero2.yaml (optimizer state and gradients sharded, whole weights on every GPU) or ddp.yaml")
+
+
+def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[str]:
+    """Rules for a machine without a CUDA GPU. Returns notes."""
+    notes: list[str] = []
     # accelerate/state.py (AcceleratorState.__init__, PartialState._prepare_backend): FSDP and
     # DeepSpeed are set up only for GPU process groups; with cpu=True the processes fall back to
     # plain data parallel on gloo (FSDP) or ignore DeepSpeed, without saying so.
@@ -224,16 +244,34 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> None:
     # transformers/training_args.py (_setup_devices) joins a CPU process group only with use_cpu=True
     # (or ACCELERATE_USE_CPU, which accelerate's multi-GPU launcher does not set:
     # accelerate/utils/launch.py prepare_multi_gpu_env); otherwise accelerate/state.py picks no
-    # backend and every process trains the whole model alone. Checked on the real trainer arguments.
+    # backend and every process trains the whole model alone. posttrain/training.py trainer_kwargs
+    # sets use_cpu on a machine without CUDA, and posttrain/stages/ppo.py builds its Accelerator with
+    # cpu=True there; checked on the real trainer arguments, so a change that drops it is caught here.
     multi = launch.distributed_type in MULTI_PROCESS and n > 1
     if multi and recipe.stage in TRAINER_STAGES and not _trainer_uses_cpu(recipe):
         raise UserError(f"{where} and {n} processes on a machine without CUDA: the Trainer joins a CPU process "
                         "group only with TrainingArguments(use_cpu=True), which posttrain/training.py does not set, "
                         f"so each process would train alone; run {recipe.stage} as one process here")
+    if multi:
+        # torch/distributed/run.py: torchrun gives each process OMP_NUM_THREADS=1 when it is unset.
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
+        cores = os.cpu_count() or 1
+        batch = ("ppo.rollout_batch_size and ppo.minibatch_size are per process" if recipe.stage == "ppo" else
+                 f"train.batch_size is per process: the global batch is {n} x batch_size x grad_accum")
+        notes.append(f"{where}: {n} processes on the CPU, data parallel over gloo, OMP_NUM_THREADS={threads} each; {batch}")
+        if n * threads > cores:
+            notes.append(f"{n} processes x {threads} thread(s) is more than this machine's {cores} CPU cores, which slows "
+                         f"every process down; launch with --num_processes {max(1, cores // threads)} (make GPUS=...)")
+    return notes
 
 
 def _trainer_uses_cpu(recipe: Recipe) -> bool:
-    """Whether the stage's TrainingArguments would ask for the CPU (use_cpu=True)."""
+    """Whether the stage's TrainingArguments ask for the CPU (use_cpu=True) on this machine. On a
+    machine with CUDA (where `cuda=False` only imagines one without) the answer is yes by construction."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
     from posttrain.training import trainer_kwargs
 
     return bool(trainer_kwargs(recipe, SimpleNamespace(checkpoints=Path("unused"))).get("use_cpu"))
@@ -300,7 +338,7 @@ def _missing_layer_classes(recipe: Recipe, names: str) -> dict[str, str]:
 def _check_deepspeed(recipe: Recipe, launch: Launch, where: str) -> list[str]:
     notes = []
     ds = launch.deepspeed
-    stage = int(ds.get("zero_stage", 2))  # accelerate's default (DeepSpeedPlugin.__post_init__)
+    stage = _zero_stage(launch)
     model = getattr(recipe, "model", None)
     train = getattr(recipe, "train", None)
     # transformers/trainer.py (Trainer.save_model): under ZeRO-3 the full weights are gathered for

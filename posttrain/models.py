@@ -121,7 +121,11 @@ def attach_chat_template(model, tokenizer, template_path: str) -> list[int]:
     tokenizer.chat_template = template
     if model is not None:  # None: only the tokenizer is needed (show-mask)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+            # mean_resizing draws the new rows around the mean from torch's global RNG: seed it, so
+            # that the same recipe gives the same model (and every process of a launch the same rows)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = stop_ids(tokenizer)

@@ -47,7 +47,10 @@ Left out: reward whitening and clipping, learning-rate schedules, early stopping
 approx_kl, value-head dropout, a separate critic optimizer or clip norm (one AdamW, one joint gradient
 clip), top_p-exact log-probs (they come from the full tempered softmax, as in TRL), several samples per
 prompt (GRPO's territory), and FSDP / DeepSpeed (rollouts call the unwrapped model, which needs unsharded
-weights: use DDP). Losses are token means per process; DDP then averages the processes' gradients.
+weights: use DDP). Losses are token means over the minibatches of all processes together (each process
+weights its own token mean by its share of the tokens before DDP averages the gradients), so N processes
+with rollout_batch_size B and minibatch_size M take the same steps as one process with N*B and N*M when
+each epoch is one minibatch; with several, each process shuffles only its own rollouts.
 
 Models stay in eval mode throughout: dropout would make the recomputed log-probs differ from the sampled
 ones, so the ratio would not start at 1.
@@ -529,6 +532,7 @@ class PPOTrainer:
         r = ro.response_mask.shape[1]
         sums: dict[str, float] = defaultdict(float)
         steps = 0
+        n = self.accelerator.num_processes
         for _ in range(c.ppo_epochs):
             order = torch.randperm(len(ro.input_ids)).to(self.accelerator.device)
             for i in range(0, len(order), c.minibatch_size):
@@ -544,6 +548,11 @@ class PPOTrainer:
                 with torch.set_grad_enabled(c.entropy_coef > 0):  # no graph through the softmax when unused
                     entropy = entropy_from_logits(logits, mask)
                 loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * entropy
+                share = 1.0
+                if n > 1:  # token means over every process's minibatch, not a mean of per-process means
+                    tokens = mask.sum()
+                    share = (tokens * n / self._sum(tokens.clone()).clamp(min=1)).item()
+                    loss = loss * share
                 self._check_finite("loss", loss)
                 self.accelerator.backward(loss)
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
@@ -552,10 +561,10 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
                              ("approx_kl", approx_kl), ("value_clip_fraction", vf_clip_fraction),
-                             ("entropy", entropy), ("grad_norm", grad_norm)):
-                    sums[k] += v.item()
+                             ("entropy", entropy)):
+                    sums[k] += v.item() * share if n > 1 else v.item()
+                sums["grad_norm"] += grad_norm.item()  # the same on every process (after DDP's all-reduce)
                 steps += 1
-        n = self.accelerator.num_processes
         return {k: self._sum(torch.tensor(v / steps, device=self.accelerator.device)).item() / n
                 for k, v in sums.items()}
 

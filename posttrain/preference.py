@@ -8,6 +8,7 @@ prompt through the chat template with a generation prompt, the answer after it.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -18,7 +19,31 @@ from posttrain.errors import UserError
 
 def load_pairs(path: str, columns: list[str] | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
     """Normalised pairs {prompt, chosen, rejected} and counts {pairs, degenerate_skipped}."""
-    table = datalib.load(path, columns, limit)
+    return pairs_from_table(datalib.load(path, columns, limit))
+
+
+def load_train_eval(data, eval_split: float | None, seed: int,
+                    key: str = "eval_split") -> tuple[tuple[list[dict], dict], tuple[list[dict], dict]]:
+    """The (pairs, counts) of data.train and of the eval set: data.eval, or with `eval_split` a seeded
+    random fraction of data.train's records, held out before data.limit applies. The split is on
+    records, so the same file, fraction and seed hold out the same records in every stage."""
+    if not eval_split:
+        train = load_pairs(data.train, data.columns, data.limit)
+        return train, (load_pairs(data.eval, data.columns) if data.eval else ([], {}))
+    table = datalib.load(data.train, data.columns)
+    order = list(range(len(table)))
+    random.Random(seed).shuffle(order)
+    n = round(len(order) * eval_split)
+    if not 0 < n < len(order):
+        raise UserError(f"{key}: {eval_split} of {len(order)} records in {data.train} leaves no "
+                        f"{'eval' if n == 0 else 'training'} record; change the fraction")
+    held, kept = table.select(sorted(order[:n])), table.select(sorted(order[n:]))
+    print(f"note: held out {n} of {len(order)} records of {data.train} as eval pairs (seed {seed})")
+    return pairs_from_table(kept.head(data.limit)), pairs_from_table(held)
+
+
+def pairs_from_table(table: datalib.Table) -> tuple[list[dict], dict]:
+    path = table.source
     first = table.rows[0]
     if "instruction" in first and "prompt" not in first:
         rows = [_from_alpaca(r, table.where(i)) for i, r in enumerate(table)]

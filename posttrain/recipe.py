@@ -116,6 +116,14 @@ class Recipe(Section):
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")
+    def _one_eval_source(self) -> Recipe:
+        section = getattr(self, self.stage, None)
+        data = getattr(self, "data", None)
+        if getattr(section, "eval_split", None) and data is not None and data.eval:
+            raise ValueError(f"{self.stage}.eval_split: data.eval is given too; set one of them")
+        return self
+
+    @model_validator(mode="after")
     def _packing_is_sft_only(self) -> Recipe:
         train = getattr(self, "train", None)
         if train is not None and train.packing and self.stage != "sft":
@@ -230,6 +238,7 @@ class ClassifySection(Section):
     test: str | None = None  # a test file; default: carved from data.train by `split`
     split: SplitSection = SplitSection()
     trainable: str = "head"  # head | last_blocks:N | lora | all
+    group_by_length: bool = False  # train batches of similar-length texts: less padding (faster), less mixed batches
 
     @model_validator(mode="after")
     def _trainable(self) -> ClassifySection:
@@ -252,6 +261,7 @@ class RewardSection(Section):
     center_rewards: float | None = Field(None, ge=0)  # weight of a penalty pulling mean rewards to 0
     gold_pairs: int = Field(200, ge=0)  # fresh answer pairs to rank with the RM and the gold verifier (world)
     policy: str | None = None  # which policy samples those pairs (default: model.path)
+    eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)
 
 
 class RewardRecipe(FineTuneRecipe):
@@ -271,6 +281,7 @@ class DpoSection(Section):
                        "apo_zero", "apo_down"] = "sigmoid"
     precompute_ref: bool = False  # compute the reference log-probs once up front (no reference model in training)
     overlong: Literal["drop", "truncate"] = "drop"
+    eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)
 
 
 class DpoRecipe(FineTuneRecipe):
@@ -480,10 +491,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def is_hub_id(value: str) -> bool:
-    """A hub model or dataset name ("gpt2", "openai-community/gpt2"), as opposed to a local path."""
+    """A hub model or dataset name ("gpt2", "openai-community/gpt2", or a dataset with its split,
+    "trl-lib/Capybara:test", as data.load reads it), as opposed to a local path."""
     if Path(value).exists() or value.startswith(("runs/", "./", "../", "/", "~")):
         return False
-    return bool(_HUB_ID.match(value)) and not value.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pt", ".yaml"))
+    name, colon, split = value.partition(":")
+    if colon and not re.fullmatch(r"[\w.\-\[\]%:+]+", split):
+        return False
+    return bool(_HUB_ID.match(name)) and not name.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pt", ".yaml"))
 
 
 def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:

@@ -53,12 +53,17 @@ class Run:
         self.main = is_main_process()
         self._lock_file = None
         self._tb = None
+        self.fresh = False
         self.started = time.time()
 
     # -- life cycle --------------------------------------------------------------------------------
 
     def start(self, force: bool = False) -> Run:
-        """Claim the directory: skip if already done, resume if unfinished, else start fresh."""
+        """Claim the directory: skip if already done, resume if unfinished, else start fresh.
+
+        Every process makes the same decision from what it reads here (rank 0 is the only one that
+        changes the directory, and only in ways that cannot change the others' decision), so all of
+        them skip, resume from the same checkpoint or start fresh together, without a barrier."""
         text = recipe_yaml(self.recipe)
         saved = self.dir / "recipe.yaml"
         if (self.dir / "DONE").exists() and not force:
@@ -67,14 +72,16 @@ class Run:
             raise UserError(
                 f"{self.dir} holds a finished run of a different recipe; pass --force to replace it or set another output_dir"
             )
+        different = saved.exists() and saved.read_text() != text
+        if different and not force:
+            raise UserError(
+                f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"
+            )
+        self.fresh = force or different  # start over: no checkpoint of this directory is resumed
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock()
-            if force or (saved.exists() and saved.read_text() != text):
-                if saved.exists() and not force:
-                    raise UserError(
-                        f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"
-                    )
+            if self.fresh:
                 self._clear()
             write_atomic(saved, text)
         return self
@@ -106,7 +113,7 @@ class Run:
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete checkpoint (checkpoints are renamed into place only once written)."""
-        if not self.checkpoints.is_dir():
+        if self.fresh or not self.checkpoints.is_dir():
             return None
         done = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)

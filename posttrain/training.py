@@ -8,6 +8,7 @@ run it with `fit()`. PPO has its own loop and uses the same Run for logging and 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -64,6 +65,9 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         gradient_checkpointing=bool(model is not None and model.gradient_checkpointing),
+        # Without CUDA the Trainer joins the launcher's process group (gloo) only when asked for the
+        # CPU (transformers/training_args.py _setup_devices); otherwise each process trains alone.
+        use_cpu=not torch.cuda.is_available(),
     )
     kwargs.update(extra)
     return kwargs
@@ -142,11 +146,19 @@ class Progress:
             self._bar = None
 
 
+# What a Hugging Face checkpoint lacks for a resumed run to log what an uninterrupted one logs: the
+# loss summed so far (the Trainer's train_loss averages only the steps since it started) and TRL's
+# running token count (num_tokens). Saved beside the checkpoint, read back by fit().
+EXTRA_STATE_FILE = "posttrain_state.json"
+
+
 def atomic_checkpoints(trainer_cls: type) -> type:
     """A subclass of `trainer_cls` whose checkpoints are written into a staging directory and renamed
     into place when complete, so a run killed mid-save never leaves a half checkpoint to resume from."""
 
     class Atomic(trainer_cls):
+        loss_before_resume = 0.0  # the summed logged loss of the steps before the checkpoint resumed
+
         def _save_checkpoint(self, model, trial):
             root = self.args.output_dir
             staging = os.path.join(root, ".staging")
@@ -161,11 +173,23 @@ def atomic_checkpoints(trainer_cls: type) -> type:
                 self.args.output_dir = root
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                # loss not yet logged (a checkpoint between two logging steps) counts as this process's
+                unlogged = float(getattr(self, "_tr_loss", 0.0))
+                extra = {"total_loss": self.loss_before_resume + getattr(self, "_total_loss_scalar", 0.0) + unlogged,
+                         "total_train_tokens": getattr(self, "_total_train_tokens", None),
+                         "processes": self.accelerator.num_processes}
+                with open(os.path.join(staging, name, EXTRA_STATE_FILE), "w") as f:
+                    json.dump(extra, f)
                 final = os.path.join(root, name)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(os.path.join(staging, name), final)
                 rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit, use_mtime=False)
             self.accelerator.wait_for_everyone()
+
+        def log(self, logs, *args, **kwargs):
+            if "train_loss" in logs and self.loss_before_resume:  # the end of a resumed run: average every step
+                logs["train_loss"] = (self.loss_before_resume + self._total_loss_scalar) / max(self.state.global_step, 1)
+            super().log(logs, *args, **kwargs)
 
     Atomic.__name__ = Atomic.__qualname__ = trainer_cls.__name__
     return Atomic
@@ -176,6 +200,12 @@ def build_trainer(trainer_cls: type, run: Run, **kwargs):
     instead of the Trainer's printed dicts."""
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run)]
     trainer = atomic_checkpoints(trainer_cls)(**kwargs)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3):
+        from posttrain.errors import UserError
+        from posttrain.launch import sharded_refusal
+
+        raise UserError(sharded_refusal(f"{run.recipe.stage} under {'FSDP' if trainer.is_fsdp_enabled else 'ZeRO-3'}"))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
@@ -184,5 +214,16 @@ def build_trainer(trainer_cls: type, run: Run, **kwargs):
 def fit(trainer, run: Run) -> dict:
     """Train, resuming from the run's last complete checkpoint if there is one. Returns train metrics."""
     ckpt = run.resume_from()
+    if ckpt is not None and (ckpt / EXTRA_STATE_FILE).exists():
+        extra = json.loads((ckpt / EXTRA_STATE_FILE).read_text())
+        written_by, now = extra.get("processes", 1), trainer.accelerator.num_processes
+        if written_by != now:  # the data order and per-process RNG states would not line up
+            from posttrain.errors import UserError
+
+            raise UserError(f"{ckpt} was written by {written_by} process(es) and this run has {now}; resume it "
+                            f"launched the same way, or pass --force to start over")
+        trainer.loss_before_resume = extra["total_loss"]
+        if extra.get("total_train_tokens") is not None:
+            trainer._total_train_tokens = extra["total_train_tokens"]
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     return dict(out.metrics)

@@ -2,7 +2,8 @@
 
 Reads:  model.path (any causal LM checkpoint), data.train / data.eval (text + label columns, names in
         classify.text_column / label_column), classify.test, classify.split (seeded val/test carved
-        from data.train when those files are absent), classify.trainable, data.max_length, train.*
+        from data.train when those files are absent), classify.trainable, classify.group_by_length,
+        data.max_length, train.*
 Writes: a sequence-classification model (labels in config.id2label), confusion matrix PNG,
         test_predictions.jsonl, and the usual run files.
 Reports: accuracy, macro-F1, per-class precision/recall, the confusion matrix, and the accuracy of
@@ -11,6 +12,9 @@ Reports: accuracy, macro-F1, per-class precision/recall, the confusion matrix, a
 A linear head reads the hidden state of the last real token, the only position that has seen the
 whole text in a causal model. Padding uses a dedicated pad token, so that position is never padding.
 `trainable` picks what learns: head (a linear probe), last_blocks:N (plus the top N blocks), lora, all.
+`group_by_length` batches texts of similar length (the shuffled data is cut into groups of up to 50
+batches and each group sorted by length): far less padding when lengths vary a lot, at the price of
+less mixed batches (on SMS spam, long texts are mostly spam).
 """
 
 from __future__ import annotations
@@ -80,6 +84,24 @@ def make_trainable(model, trainable: str, lora):
     return model
 
 
+@torch.no_grad()
+def untrained_accuracy(model, tok, ds: Dataset, batch_size: int = 64) -> float:
+    """Test accuracy of the untrained head, computed outside the Trainer: Trainer.predict before
+    Trainer.train under `accelerate launch` wraps the model in DDP once for prediction and again for
+    training (transformers/trainer.py evaluation_loop prepares a model the accelerator has not
+    seen), and the processes' updates then no longer match a single process's."""
+    collate, device, was = DataCollatorWithPadding(tok), next(model.parameters()).device, model.training
+    model.eval()
+    hits = 0
+    for i in range(0, len(ds), batch_size):
+        batch = collate(ds.select(range(i, min(i + batch_size, len(ds)))).to_list())
+        labels = batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        hits += int((logits.argmax(-1).cpu() == labels).sum())
+    model.train(was)
+    return hits / len(ds)
+
+
 def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
     c = recipe.classify
     if is_adapter(recipe.model.path):
@@ -125,18 +147,26 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
 
     run_ = Run(recipe).start(force)
     args = TrainingArguments(**trainer_kwargs(recipe, run_, eval_strategy="epoch" if not recipe.train.eval_every else "steps",
-                                              per_device_eval_batch_size=64))
+                                              per_device_eval_batch_size=64,
+                                              train_sampling_strategy="group_by_length" if c.group_by_length else "random"))
     trainer = build_trainer(
         Trainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorWithPadding(tok), processing_class=tok,
         compute_metrics=lambda p: classification_report(p.label_ids.tolist(), p.predictions.argmax(-1).tolist(), labels),
     )
-    before = trainer.predict(test_ds).metrics["test_accuracy"] if run_.main else None
+    # GPT-2's (and most) classification heads take **kwargs but compute a plain mean loss, ignoring the
+    # num_items_in_batch the Trainer passes; the Trainer would still treat that loss as a global sum
+    # and multiply it by the number of processes (and skip dividing by train.grad_accum)
+    # (transformers/trainer.py compute_loss, training_step). A per-process mean is what it is.
+    trainer.model_accepts_loss_kwargs = False
+    before = untrained_accuracy(trainer.model, tok, test_ds) if run_.main else None
     train_metrics = fit(trainer, run_)
+    # predict and evaluate gather over every process: all of them call these, then only rank 0 writes
+    pred = trainer.predict(test_ds)
+    val_accuracy = trainer.evaluate()["eval_accuracy"]
     if not run_.main:
         return run_.dir
 
-    pred = trainer.predict(test_ds)
     y_true, y_pred = pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist()
     report = classification_report(y_true, y_pred, labels)
     matrix = confusion_matrix(y_true, y_pred, len(labels))
@@ -146,7 +176,7 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "test_accuracy_before": before, "train_loss": train_metrics.get("train_loss"),
         **{f"test_{k}": v for k, v in report.items()},
-        "val_accuracy": trainer.evaluate()["eval_accuracy"],
+        "val_accuracy": val_accuracy,
     }
     run_.log(trainer.state.global_step, {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]})
     with (run_.dir / "test_predictions.jsonl").open("w") as f:

@@ -2,7 +2,8 @@
 
 Reads:  model.path (usually the SFT run; it is also the reference), model.lora, data.train /
         data.eval (preference pairs), data.max_length, dpo.* (beta, loss_type, precompute_ref,
-        overlong), train.*, eval.* (prompts and the world's verifier).
+        overlong, eval_split: a seeded held-out part of data.train when there is no data.eval),
+        train.*, eval.* (prompts and the world's verifier).
 Writes: the aligned model (or a LoRA adapter), eval_answers.jsonl, and the usual run files.
 Reports: held-out preference accuracy and reward margins, KL(DPO policy || reference) on the eval
         prompts, and with the world's verifier the gold metrics of greedy answers before (the
@@ -23,15 +24,15 @@ from trl import DPOConfig, DPOTrainer
 from posttrain.evaluate import evaluate_prompts, policy_kl
 from posttrain.models import check_max_length, expose_head_bias, load_causal_lm, load_tokenizer, lora_config
 from posttrain.plots import curves
-from posttrain.preference import fit_length, load_pairs
+from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
 from posttrain.runs import Run, model_card, print_summary
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
 def run(recipe: DpoRecipe, force: bool = False) -> Path:
-    train_pairs, counts = load_pairs(recipe.data.train, recipe.data.columns, recipe.data.limit)
-    eval_pairs, eval_counts = load_pairs(recipe.data.eval) if recipe.data.eval else ([], {})
+    (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.dpo.eval_split, recipe.seed,
+                                                                      "dpo.eval_split")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     n, over = recipe.data.max_length, recipe.dpo.overlong
     train_kept, len_stats = fit_length(tok, train_pairs, n, over, "train")
@@ -70,13 +71,13 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
     if recipe.model.lora:
         expose_head_bias(trainer.model)
     train_metrics = fit(trainer, run_)
+    ev = trainer.evaluate() if eval_kept else {}  # every process (it gathers)
     if not run_.main:
         return run_.dir
 
     policy = trainer.model
     summary["train_loss"] = train_metrics.get("train_loss")
     if eval_kept:
-        ev = trainer.evaluate()
         summary["eval_preference_accuracy"] = ev.get("eval_rewards/accuracies")
         summary["eval_reward_margin"] = ev.get("eval_rewards/margins")
         summary["eval_loss"] = ev.get("eval_loss")

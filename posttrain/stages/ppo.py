@@ -141,7 +141,10 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
     start = 0
     ckpt = run_.resume_from() if run_.main else run_.last_checkpoint()
     if ckpt is not None:
-        trainer.load_state_dict(torch.load(ckpt / "ppo.pt", weights_only=True))
+        try:
+            trainer.load_state_dict(torch.load(ckpt / "ppo.pt", weights_only=True))
+        except ValueError as e:  # e.g. written by another number of processes
+            raise UserError(f"{ckpt}: {e}; resume it launched the same way, or pass --force to start over") from None
         start = trainer.iteration
     eval_rows = datalib.load(recipe.eval.prompts, limit=recipe.eval.limit).rows if recipe.eval.prompts else []
     order = _prompt_order(len(rows), p.iterations * p.rollout_batch_size * accelerator.num_processes, recipe.seed)

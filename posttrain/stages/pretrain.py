@@ -132,6 +132,7 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
     trainer = build_trainer(Trainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator)
     train_metrics = fit(trainer, run_)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
     if not run_.main:
         return run_.dir
 
@@ -142,7 +143,7 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
     summary["train_loss"] = train_metrics.get("train_loss")
     summary["train_seconds"] = train_metrics.get("train_runtime")
     if eval_ds is not None:
-        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        summary["eval_loss"] = eval_loss
     if recipe.pretrain.probe:
         probes = datalib.load(recipe.pretrain.probe)
         datalib.validate(probes, "prompt_completion", {"completion": "answer"})

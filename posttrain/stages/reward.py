@@ -2,7 +2,8 @@
 
 Reads:  model.path (usually the SFT run), data.train / data.eval (preference pairs: conversational,
         strings, or Alpaca-style), data.max_length, reward.* (overlong, center_rewards, gold_pairs,
-        policy), train.*, eval.* (prompts and the world's verifier for the gold check).
+        policy, eval_split: a seeded held-out part of data.train when there is no data.eval),
+        train.*, eval.* (prompts and the world's verifier for the gold check).
 Writes: a sequence-classification model with one output (the reward), loadable with
         AutoModelForSequenceClassification (a LoRA run is merged into it; the adapter is kept in
         adapter/), score_histogram.png, and the usual run files.
@@ -30,7 +31,7 @@ from posttrain.evaluate import answer
 from posttrain.metrics import agreement, pairwise
 from posttrain.models import check_max_length, is_adapter, load_causal_lm, load_tokenizer, lora_config
 from posttrain.plots import curves, histogram
-from posttrain.preference import RewardScorer, fit_length, load_pairs
+from posttrain.preference import RewardScorer, fit_length, load_train_eval
 from posttrain.recipe import RewardRecipe
 from posttrain.runs import Run, model_card, print_summary
 from posttrain.training import build_trainer, fit, trainer_kwargs
@@ -62,8 +63,8 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
     if is_adapter(recipe.model.path):
         raise UserError(f"model.path: {recipe.model.path} is a LoRA adapter; run `posttrain merge {recipe.model.path}` "
                         "and start the reward model from its merged/ directory")
-    train_pairs, counts = load_pairs(recipe.data.train, recipe.data.columns, recipe.data.limit)
-    eval_pairs, eval_counts = load_pairs(recipe.data.eval) if recipe.data.eval else ([], {})
+    (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.reward.eval_split, recipe.seed,
+                                                                      "reward.eval_split")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         raise UserError(f"model.path: {recipe.model.path}'s tokenizer pads with its end token, so scores would depend "

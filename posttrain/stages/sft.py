@@ -173,6 +173,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     counter = PaddingCounter(trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter
     train_metrics = fit(trainer, run_)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
     if not run_.main:
         return run_.dir
 
@@ -189,7 +190,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     losses = [r["loss"] for r in run_.metrics() if "loss" in r]
     summary["final_loss"] = losses[-1] if losses else None
     if eval_ds is not None:
-        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        summary["eval_loss"] = eval_loss
         run_.log(trainer.state.global_step, {"eval_loss": summary["eval_loss"]})
     if recipe.eval.prompts:
         result = evaluate_prompts(model, tok, recipe.eval, run_.dir)

@@ -1,0 +1,144 @@
+"""posttrain/launch.py: the launcher configs in recipes/accelerate/ read as accelerate reads them, and
+the rules of check_launch on real recipes and configs, for this machine and for imagined ones
+(`cuda=`, `deepspeed=`). Nothing is trained; each test takes well under a second (one runs the CLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli, write
+
+from posttrain.errors import UserError
+from posttrain.launch import check_launch, read_config
+from posttrain.recipe import load_recipe
+
+ACCEL = ROOT / "recipes" / "accelerate"
+GPT2 = ROOT / "recipes" / "gpt2"
+STAGES = ("pretrain", "classify", "sft", "reward", "dpo", "ppo")
+
+
+def recipe(stage: str, *overrides: str):
+    """A shipped recipes/gpt2 recipe (schema only: nothing it names is read), fp32 unless overridden."""
+    return load_recipe(GPT2 / f"{stage}.yaml", ["model.dtype=float32", *overrides])
+
+
+def config(tmp_path, name: str, **changes) -> str:
+    """A copy of recipes/accelerate/NAME.yaml with top-level keys changed (None deletes one)."""
+    raw = yaml.safe_load((ACCEL / f"{name}.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    return str(write(tmp_path / f"{name}_changed.yaml", yaml.safe_dump(raw)))
+
+
+def refused(match: str | None, *args, **kwargs) -> str:
+    with pytest.raises(UserError, match=match) as e:
+        check_launch(*args, **kwargs)
+    assert "\n" not in str(e.value)  # one line: the combination, the reason, the fix
+    return str(e.value)
+
+
+@pytest.mark.parametrize(("name", "kind", "processes"), [("single", "NO", 1), ("ddp", "MULTI_GPU", 8),
+                                                         ("fsdp", "FSDP", 8), ("zero2", "DEEPSPEED", 8),
+                                                         ("zero3", "DEEPSPEED", 8)])
+def test_shipped_configs_read_as_accelerate_reads_them(name, kind, processes):
+    launch = read_config(ACCEL / f"{name}.yaml")
+    assert (launch.distributed_type, launch.num_processes, launch.mixed_precision) == (kind, processes, "no")
+    if name == "fsdp":
+        assert launch.fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if name.startswith("zero"):
+        assert launch.deepspeed["zero_stage"] == int(name[-1])
+
+
+def test_config_mistakes_accelerate_would_miss_or_report_late(tmp_path):
+    bare_no = write(tmp_path / "bare.yaml", (ACCEL / "single.yaml").read_text().replace('"NO"', "NO"))
+    with pytest.raises(UserError, match="YAML boolean; quote the value"):
+        read_config(bare_no)
+    with pytest.raises(UserError, match="accelerate rejects it"):
+        read_config(config(tmp_path, "ddp", num_procesess=2))
+    text = (ACCEL / "fsdp.yaml").read_text().replace("fsdp_transformer_layer_cls_to_wrap", "fsdp_transformer_layer_cls_to_warp")
+    with pytest.raises(UserError, match="did you mean 'fsdp_transformer_layer_cls_to_wrap'"):
+        read_config(write(tmp_path / "typo.yaml", text))
+    with pytest.raises(UserError, match="no such accelerate config"):
+        read_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_runs_as_one_process_or_ddp_on_a_cpu(stage):
+    assert check_launch(recipe(stage), None, cuda=False) == []
+    assert check_launch(recipe(stage), ACCEL / "single.yaml", cuda=False) == []
+    notes = check_launch(recipe(stage), ACCEL / "ddp.yaml", num_processes=2, cuda=False)
+    assert "2 processes on the CPU, data parallel over gloo" in notes[0]
+    assert ("ppo.rollout_batch_size" if stage == "ppo" else "global batch is 2 x batch_size") in notes[0]
+
+
+def test_launchers_that_start_one_process_refuse_several(tmp_path):
+    refused("accelerate starts only one process", recipe("sft"), ACCEL / "single.yaml", num_processes=2, cuda=False)
+    cpu = config(tmp_path, "ddp", distributed_type="MULTI_CPU")
+    refused("starts only one process.*use recipes/accelerate/ddp.yaml", recipe("sft"), cpu, num_processes=2, cuda=False)
+
+
+def test_the_trainer_joins_the_cpu_process_group(monkeypatch):
+    """Without CUDA the Trainer stages ask for the CPU (TrainingArguments(use_cpu=True)); if that were
+    dropped, N processes would each train alone, and validate says so."""
+    import posttrain.training as training
+
+    kwargs = training.trainer_kwargs(recipe("sft"), SimpleNamespace(checkpoints=Path("unused")))
+    assert kwargs["use_cpu"] is (not torch.cuda.is_available())
+    if torch.cuda.is_available():
+        pytest.skip("the rule applies on a machine without CUDA")
+    real = training.trainer_kwargs
+    monkeypatch.setattr(training, "trainer_kwargs", lambda *a, **k: {**real(*a, **k), "use_cpu": False})
+    refused("each process would train alone", recipe("dpo"), ACCEL / "ddp.yaml", num_processes=2, cuda=False)
+    check_launch(recipe("ppo"), ACCEL / "ddp.yaml", num_processes=2, cuda=False)  # PPO has its own Accelerator
+
+
+def test_without_cuda_sharding_and_half_precision_are_refused(tmp_path):
+    for name in ("fsdp", "zero2", "zero3"):
+        refused("needs CUDA GPUs", recipe("sft"), ACCEL / f"{name}.yaml", num_processes=2, cuda=False, deepspeed=True)
+    refused("mixed_precision bf16 needs a CUDA GPU", recipe("sft"), config(tmp_path, "ddp", mixed_precision="bf16"),
+            num_processes=2, cuda=False)
+    refused("model.dtype bfloat16: needs a CUDA GPU", recipe("dpo", "model.dtype=bfloat16"), None, cuda=False)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp_and_zero3_are_refused_because_stages_end_on_rank_0(stage):
+    for name in ("fsdp", "zero3"):
+        message = refused(None, recipe(stage), ACCEL / f"{name}.yaml", num_processes=8, cuda=True, deepspeed=True)
+        if stage == "ppo":
+            assert "rollouts with the whole model on every process" in message
+        else:
+            assert "hang after training" in message and "zero2.yaml" in message
+
+
+def test_zero2_needs_deepspeed_and_follows_the_recipe(tmp_path):
+    refused("deepspeed package is not installed", recipe("sft"), ACCEL / "zero2.yaml", num_processes=8, cuda=True,
+            deepspeed=False)
+    assert all("GPU(s)" in n for n in check_launch(recipe("sft"), ACCEL / "zero2.yaml", num_processes=8, cuda=True,
+                                                     deepspeed=True))
+    raw = yaml.safe_load((ACCEL / "zero2.yaml").read_text())
+    raw["deepspeed_config"]["gradient_accumulation_steps"] = 4
+    mismatch = write(tmp_path / "zero2_ga.yaml", yaml.safe_dump(raw))
+    refused("gradient_accumulation_steps: 4 differs from the recipe's train.grad_accum", recipe("dpo"), mismatch,
+            num_processes=8, cuda=True, deepspeed=True)
+    check_launch(recipe("dpo", "train.grad_accum=4"), mismatch, num_processes=8, cuda=True, deepspeed=True)
+    refused("rollouts with the whole model", recipe("ppo"), ACCEL / "zero2.yaml", num_processes=8, cuda=True,
+            deepspeed=True)
+
+
+def test_validate_with_a_launcher_config():
+    ok = cli("validate", "--offline", str(GPT2 / "sft.yaml"), "--accel", str(ACCEL / "ddp.yaml"),
+             env={"OMP_NUM_THREADS": "1"})
+    assert ok.returncode == 0, ok.stderr
+    assert "data parallel over gloo" in ok.stdout and "launched with" in ok.stdout
+    if torch.cuda.is_available():
+        return
+    bad = cli("validate", "--offline", str(GPT2 / "sft.yaml"), "--accel", str(ACCEL / "single.yaml"), "--set",
+              "model.dtype=bfloat16")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "needs a CUDA GPU" in bad.stderr
