@@ -18,10 +18,11 @@ help:
 	@echo "make pipeline   set up .venv, then run every stage on the built-in world"
 	@echo "make test       set up .venv, then run the test suite and ruff"
 	@echo "make test-slow  the long end-to-end tests (minutes each)"
+	@echo "make compare-processes   1 vs 2 processes (GPUS=N) at the same global batch, every stage"
 	@echo "make world      generate runs/world/data"
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
 	@echo "make compare    base vs SFT vs DPO vs PPO on the eval prompts (runs/world/compare)"
-	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2|zero3)"
+	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|zero2)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed
@@ -56,6 +57,12 @@ test-slow: setup
 
 lint: setup
 	$(BIN)/ruff check posttrain tests
+
+# 1 process vs GPUS processes (default 2; on a CPU over gloo) at the same global batch, every stage:
+# a loss table per stage in runs/compare_processes/compare.md (~5 minutes on 2 cores).
+.PHONY: compare-processes
+compare-processes: setup
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/compare_processes.py --processes $(if $(filter 1,$(GPUS)),2,$(GPUS))
 
 # --- stages ---------------------------------------------------------------------------------------
 # `make <stage>` runs recipes/world/<stage>.yaml (RECIPE=... for another) and first the stages it
@@ -109,3 +116,12 @@ pipeline: world base sft classify reward dpo ppo compare
 clean:
 	rm -rf runs
 
+# --- examples on real data (../shared/data, see recipes/examples/) ---------------------------------
+# SMS spam classification, Alpaca-style SFT, then a reward model and DPO on preference pairs from
+# that SFT run; all start from the world's base GPT. Each is skipped when its run is done.
+.PHONY: examples
+examples: $(call needs,base)
+	$(LAUNCH) classify recipes/examples/sms_spam.yaml
+	$(LAUNCH) sft recipes/examples/alpaca_sft.yaml
+	$(LAUNCH) reward recipes/examples/pref_reward.yaml
+	$(LAUNCH) dpo recipes/examples/pref_dpo.yaml
