@@ -225,18 +225,21 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
 def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], stopped: list[bool],
                       batch_size: int = 32) -> list[float]:
     """log p(response | prompt) under `model`, summed over the response's tokens (its stop token
-    included when it stopped). Works from text, so any model can score any other model's answers."""
-    from posttrain.models import prompt_ids, stop_ids
+    included when it stopped). Works from text, so any model can score any other model's answers.
+    Re-tokenised text can be longer than what was generated: an answer is scored up to the end of the
+    model's context, not past it."""
+    from posttrain.models import context_length, prompt_ids, stop_ids
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stop = stop_ids(tokenizer)[0]
+    ctx = context_length(model)
     seqs = []
     for p, r, s in zip(prompts, responses, stopped, strict=True):
         head = prompt_ids(tokenizer, p)
         body = tokenizer.encode(r, add_special_tokens=False) + ([stop] if s else [])
-        seqs.append((head, body))
+        seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
     out = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     for b in range(0, len(seqs), batch_size):

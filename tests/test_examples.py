@@ -123,3 +123,20 @@ def test_eval_prompts_that_leave_no_room_for_an_answer_are_skipped_and_counted(t
     assert result.metrics["eval_prompts"] == 2 and result.metrics["eval_prompts_skipped_long"] == 1
     with pytest.raises(UserError, match="no prompt leaves eval.max_new_tokens=9 positions free"):
         evaluate.evaluate_prompts(model, tok, EvalSection(prompts=str(path), max_new_tokens=9, show=0), tmp_path)
+
+
+def test_answers_that_retokenise_past_the_context_are_scored_up_to_its_end():
+    # The world base has 128 positions; text decoded from a generation can re-tokenise longer than it
+    # was generated (DPO's KL estimate scores sampled answers from their text).
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    tok = SimpleNamespace(chat_template=None, bos_token_id=None, eos_token_id=15, pad_token_id=14,
+                          get_vocab=lambda: {}, encode=lambda text, **kw: [int(c) for c in text.split()])
+    full = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8 9 10"], [True])  # 3 + 8 > 8 positions
+    cut = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8"], [False])  # what fits: 3 + 5
+    assert full == pytest.approx(cut)
