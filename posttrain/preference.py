@@ -55,7 +55,10 @@ def pairs_from_table(table: datalib.Table) -> tuple[list[dict], dict]:
         if _text(row["chosen"]) == _text(row["rejected"]):
             degenerate += 1
             continue
-        pairs.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+        pair = {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+        if isinstance(row.get("flaw"), str):  # what is wrong with `rejected` (world pairs): per-flaw metrics
+            pair["flaw"] = row["flaw"]
+        pairs.append(pair)
     if degenerate:
         print(f"note: {degenerate} of {len(table)} pairs in {path} have chosen == rejected: skipped")
     if not pairs:

@@ -161,6 +161,7 @@ class WorldSection(Section):
     p_rude: float = Field(0.08, ge=0, le=1)
     p_comply_harmful: float = Field(0.6, ge=0, le=1)
     p_refuse_benign: float = Field(0.05, ge=0, le=1)
+    pref_pairs_per_person: int = Field(8, gt=0)
 
 
 class WorldRecipe(Recipe):
@@ -279,6 +280,9 @@ class DpoSection(Section):
     beta: float = Field(0.1, gt=0)  # strength of the implicit KL to the reference (higher: stay closer)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                        "apo_zero", "apo_down"] = "sigmoid"
+    # RPO (Pang et al. 2024): add this weight times the NLL of the chosen answers, which keeps DPO from
+    # lowering the probability of both answers (likelihood displacement); 0 is plain DPO.
+    sft_weight: float = Field(0.0, ge=0)
     precompute_ref: bool = False  # compute the reference log-probs once up front (no reference model in training)
     overlong: Literal["drop", "truncate"] = "drop"
     eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)

@@ -295,6 +295,21 @@ def ppo_info(name: str, path: Path, plots: Path) -> dict | None:
     return info
 
 
+def gold_curves(runs: dict[str, Path], path: Path) -> Path | None:
+    """The gold reward of each PPO run's rollouts per iteration, on one plot: which reward signal
+    raises the true score fastest."""
+    from posttrain.plots import curves
+
+    rows = []
+    for name, run_dir in runs.items():
+        metrics = run_dir / "metrics.jsonl"
+        for line in metrics.read_text().splitlines() if metrics.exists() else []:
+            r = json.loads(line)
+            if "gold" in r:
+                rows.append({"step": r["step"], name: r["gold"]})
+    return curves(rows, list(runs), path, "gold reward of the rollouts per PPO iteration", "gold reward")
+
+
 def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: str | None = None, ref: str | None = None,
             out: str = "runs/compare", limit: int | None = None, seed: int = 0, prompts: str | None = None) -> Path:
     """The `posttrain compare` command: check every input, answer and score with each model, write OUT."""
@@ -396,8 +411,10 @@ def _write(out: Path, report: dict, rows: list[dict], results: list[Result], mod
     for key in ("reward_score", "kl_to_ref", "mean_words"):
         if all(key in m for m in table.values()):
             made.append(bars({n: m[key] for n, m in table.items()}, plots / f"{key}.png", key))
-    report["plots"] = [f"plots/{p.name}" for p in made if p is not None]
     report["ppo"] = {name: i for name, path in models.items() if (i := ppo_info(name, path, plots)) is not None}
+    if len(report["ppo"]) > 1:  # e.g. PPO through the reward model vs on the gold verifier directly
+        made.append(gold_curves({name: models[name] for name in report["ppo"]}, plots / "ppo_gold_curves.png"))
+    report["plots"] = [f"plots/{p.name}" for p in made if p is not None]
 
     (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     with (tmp / "answers.jsonl").open("w") as f:

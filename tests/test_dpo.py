@@ -51,7 +51,7 @@ def test_lora_dpo_keeps_no_reference_copy(small_world, tiny_sft):
     model = load_causal_lm(str(tiny_sft), tokenizer=tok)
     rows = [json.loads(line) for line in (small_world / "pref_train.jsonl").read_text().splitlines()[:8]]
     for r in rows:
-        r.pop("flaw")
+        r.pop("flaw"), r.pop("gold")
     trainer = DPOTrainer(model=model, args=DPOConfig(output_dir="/tmp/unused-dpo", bf16=False, report_to=[]),
                          train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora_config(LoraConfig(r=4, alpha=8), "CAUSAL_LM"))

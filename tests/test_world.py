@@ -45,6 +45,18 @@ def test_demonstrator_is_imperfect_in_the_configured_ways():
     assert refusals  # some harmful requests are refused by the demonstrator, most are not
 
 
+def test_every_preference_pair_agrees_with_the_gold_verifier():
+    """The labeller is the gold standard: chosen scores strictly higher than rejected for every flaw."""
+    w = build(WorldConfig(people=60))
+    v = Verifier([Person(**p) for p in w["world.json"]["people"]])
+    flaws = set()
+    for pair in w["pref_train.jsonl"] + w["pref_eval.jsonl"]:
+        chosen, rejected = (v.score(pair["gold"], pair[k][0]["content"]).total for k in ("chosen", "rejected"))
+        assert chosen > rejected, pair
+        flaws.add(pair["flaw"])
+    assert flaws == {"sycophantic", "wrong", "off-topic", "ramble", "rude", "complied", "evasive", "over-refused"}
+
+
 PEOPLE = [Person("Ada Lang", "Paris", "baker", "owl", "red", "seen")]
 V = Verifier(PEOPLE)
 FACT = {"kind": "fact", "person": "Ada Lang", "attribute": "city", "expected": "Paris"}

@@ -1,7 +1,7 @@
 """Direct preference optimisation (DPO), with TRL's DPOTrainer.
 
 Reads:  model.path (usually the SFT run; it is also the reference), model.lora, data.train /
-        data.eval (preference pairs), data.max_length, dpo.* (beta, loss_type, precompute_ref,
+        data.eval (preference pairs), data.max_length, dpo.* (beta, loss_type, sft_weight, precompute_ref,
         overlong, eval_split: a seeded held-out part of data.train when there is no data.eval),
         train.*, eval.* (prompts and the world's verifier).
 Writes: the aligned model (or a LoRA adapter), eval_answers.jsonl, and the usual run files.
@@ -30,6 +30,10 @@ from posttrain.runs import Run, model_card, print_summary
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
+def _dataset(pairs: list[dict], kept: list) -> Dataset:
+    return Dataset.from_list([{k: pairs[i][k] for k in ("prompt", "chosen", "rejected")} for *_, i in kept])
+
+
 def run(recipe: DpoRecipe, force: bool = False) -> Path:
     (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.dpo.eval_split, recipe.seed,
                                                                       "dpo.eval_split")
@@ -51,6 +55,7 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
     run_ = Run(recipe).start(force)
     summary: dict = {**{f"train_{k}": v for k, v in counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()},
                      **len_stats, **eval_len_stats, "beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
+                     "sft_weight": recipe.dpo.sft_weight,
                      "lora": recipe.model.lora is not None, "reference": "adapter disabled" if recipe.model.lora
                      else "precomputed log-probs" if recipe.dpo.precompute_ref else "frozen copy"}
     before = {}
@@ -59,13 +64,16 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
         before = evaluate_prompts(model, tok, recipe.eval, run_.dir).metrics
         (run_.dir / "eval_answers.jsonl").rename(run_.dir / "eval_answers_before.jsonl")
 
-    args = DPOConfig(**trainer_kwargs(recipe, run_, beta=recipe.dpo.beta, loss_type=[recipe.dpo.loss_type],
+    losses, weights = [recipe.dpo.loss_type], [1.0]
+    if recipe.dpo.sft_weight > 0:
+        losses, weights = losses + ["sft"], weights + [recipe.dpo.sft_weight]
+    args = DPOConfig(**trainer_kwargs(recipe, run_, beta=recipe.dpo.beta, loss_type=losses, loss_weights=weights,
                                       max_length=n, precompute_ref_log_probs=recipe.dpo.precompute_ref,
                                       disable_dropout=True))
     trainer = build_trainer(
         DPOTrainer, run_, model=model, ref_model=ref, args=args,
-        train_dataset=Dataset.from_list([train_pairs[i] for *_, i in train_kept]),
-        eval_dataset=Dataset.from_list([eval_pairs[i] for *_, i in eval_kept]) if eval_kept else None,
+        train_dataset=_dataset(train_pairs, train_kept),
+        eval_dataset=_dataset(eval_pairs, eval_kept) if eval_kept else None,
         processing_class=tok, peft_config=lora_config(recipe.model.lora, "CAUSAL_LM") if recipe.model.lora else None,
     )
     if recipe.model.lora:

@@ -106,6 +106,10 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
         chosen = scorer.score_ids([p + c for p, c, _, _ in eval_ids])
         rejected = scorer.score_ids([p + r for p, _, r, _ in eval_ids])
         summary.update({f"eval_{k}": v for k, v in pairwise(chosen, rejected).items()})
+        flaws = [eval_pairs[i].get("flaw") for *_, i in eval_ids]
+        for flaw in sorted({f for f in flaws if f}):  # which kinds of bad answer the model cannot tell apart
+            idx = [j for j, f in enumerate(flaws) if f == flaw]
+            summary[f"eval_accuracy_{flaw}"] = pairwise([chosen[j] for j in idx], [rejected[j] for j in idx])["accuracy"]
         summary["eval_chosen_mean"] = sum(chosen) / len(chosen)
         summary["eval_rejected_mean"] = sum(rejected) / len(rejected)
         run_.log(trainer.state.global_step, {"eval_pairwise_accuracy": summary["eval_accuracy"]})

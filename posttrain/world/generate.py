@@ -7,7 +7,8 @@ What each file is for (all JSONL unless noted):
 - sft_train/eval.jsonl  `messages`: chats about the *seen* people only, by an imperfect demonstrator
 - intent_{train,val,test}.jsonl  `text`,`label`: what a user message asks for (classification)
 - pref_train/eval.jsonl `prompt`,`chosen`,`rejected` (message lists): correct, concise, polite
-                        answers and refusals of harmful requests are preferred
+                        answers and refusals of harmful requests are preferred; `flaw` names what
+                        is wrong with `rejected`, `gold` carries the verifier's fields
 - pref_length_biased.jsonl  the same prompts judged by a flawed labeller who prefers longer answers
 - ppo_prompts.jsonl     `prompt` + gold fields, seen people: prompts for RL
 - eval_prompts.jsonl    `prompt` + gold fields, seen and held-out people: the evaluation suite
@@ -62,6 +63,7 @@ class WorldConfig:
     p_rude: float = 0.08
     p_comply_harmful: float = 0.6
     p_refuse_benign: float = 0.05
+    pref_pairs_per_person: int = 8  # preference pairs about each seen person (plus skill pairs)
 
 
 class _Demonstrator:
@@ -255,9 +257,11 @@ def _pairs(people: list[Person], rng: random.Random, demo: _Demonstrator, n_per_
                 if leading == "false":
                     flaw, bad = "sycophantic", answer(person, attribute, row["premise"])
                 else:
-                    flaw = rng.choice(["wrong", "ramble", "ramble", "rude"])
+                    flaw = rng.choice(["wrong", "ramble", "rude", "off-topic"])
                     if flaw == "wrong":
                         bad = answer(person, attribute, demo.other_value(attribute, person.value(attribute)))
+                    elif flaw == "off-topic":  # a true fact, but not the one asked for
+                        bad = answer(person, rng.choice([a for a in ATTRIBUTES if a != attribute]))
                     elif flaw == "ramble":
                         bad = good + " " + demo.ramble(person, attribute)
                     else:
@@ -268,6 +272,11 @@ def _pairs(people: list[Person], rng: random.Random, demo: _Demonstrator, n_per_
                 helpful = template[2].format(**answer_vars(person))
                 refusal = rng.choice(REFUSALS)
                 good, bad, flaw = (refusal, helpful, "complied") if harmful else (helpful, refusal, "over-refused")
+                if harmful and rng.random() < 0.4:
+                    # Neither refusing nor helping, but stating a fact about the person instead: without
+                    # these pairs a reward model never sees such an answer to a harmful request, and PPO
+                    # finds that it scores like a good answer (it did: refusals fell from 27% to 0).
+                    bad, flaw = answer(person, rng.choice(list(ATTRIBUTES))), "evasive"
             pairs.append(_pair(row, good, bad, flaw))
     for _ in range(n_skills):
         row, item = _skill_prompt(rng)
@@ -281,7 +290,8 @@ def _pair(row: dict, chosen: str, rejected: str, flaw: str) -> dict:
         "prompt": [{"role": "user", "content": row["prompt"]}],
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
-        "flaw": flaw,
+        "flaw": flaw,  # what is wrong with `rejected`
+        "gold": {k: v for k, v in row.items() if k != "prompt"},  # the verifier's fields for this prompt
     }
 
 
@@ -346,7 +356,7 @@ def build(cfg: WorldConfig) -> dict[str, list | dict]:
     sft = _chats(_exchanges(cfg, seen, rng["sft"], demo, per_fact=3, requests_per_person=2, n_skills=600),
                  rng["sft"])
     sft_train, sft_eval = _split(sft, rng["split"], n_eval=max(1, len(sft) // 12))
-    pairs = _pairs(seen, rng["pref"], _Demonstrator(cfg, rng["pref"]), n_per_person=8, n_skills=200)
+    pairs = _pairs(seen, rng["pref"], _Demonstrator(cfg, rng["pref"]), n_per_person=cfg.pref_pairs_per_person, n_skills=200)
     pref_train, pref_eval = _split(pairs, rng["split"], n_eval=max(1, len(pairs) // 10))
     intents = _intents(people, rng["intent"], 3000)
     return {
