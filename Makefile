@@ -1,8 +1,8 @@
 # posttrain: every target is a thin wrapper over the `posttrain` CLI.
 # On a fresh machine, `make pipeline` or `make test` creates .venv first.
 #
-#   make pipeline            world -> base on the built-in world (each stage skipped when done)
-#   make test                the default test suite (+ ruff), ~1 minute
+#   make pipeline            world -> base -> sft -> classify -> reward -> dpo -> ppo -> compare (each skipped when done)
+#   make test                the default test suite (+ ruff), ~10 minutes
 #   make <stage> RECIPE=...  one stage with another recipe (default: recipes/world/<stage>.yaml)
 
 PYTHON ?= python3
@@ -23,6 +23,7 @@ help:
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
 	@echo "make compare    base vs SFT vs DPO vs PPO on the eval prompts (runs/world/compare)"
 	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|zero2)"
+	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO on ../shared/data (recipes/examples/)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed

@@ -257,12 +257,17 @@ class ClassifyRecipe(FineTuneRecipe):
     input_paths: ClassVar[tuple[str, ...]] = ("data.train", "data.eval", "model.path", "classify.test")
 
 
-class RewardSection(Section):
+class PairSection(Section):
+    """What reward modelling and DPO share: preference pairs that must fit the context, and a held-out part."""
+
     overlong: Literal["drop", "truncate"] = "drop"  # pairs longer than data.max_length
+    eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)
+
+
+class RewardSection(PairSection):
     center_rewards: float | None = Field(None, ge=0)  # weight of a penalty pulling mean rewards to 0
     gold_pairs: int = Field(200, ge=0)  # fresh answer pairs to rank with the RM and the gold verifier (world)
     policy: str | None = None  # which policy samples those pairs (default: model.path)
-    eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)
 
 
 class RewardRecipe(FineTuneRecipe):
@@ -276,7 +281,7 @@ class RewardRecipe(FineTuneRecipe):
                                               "reward.policy")
 
 
-class DpoSection(Section):
+class DpoSection(PairSection):
     beta: float = Field(0.1, gt=0)  # strength of the implicit KL to the reference (higher: stay closer)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                        "apo_zero", "apo_down"] = "sigmoid"
@@ -284,8 +289,6 @@ class DpoSection(Section):
     # lowering the probability of both answers (likelihood displacement); 0 is plain DPO.
     sft_weight: float = Field(0.0, ge=0)
     precompute_ref: bool = False  # compute the reference log-probs once up front (no reference model in training)
-    overlong: Literal["drop", "truncate"] = "drop"
-    eval_split: float | None = Field(None, gt=0, lt=1)  # without data.eval: hold out this fraction of data.train (seeded)
 
 
 class DpoRecipe(FineTuneRecipe):

@@ -26,6 +26,8 @@ output_dir: {tmp_path / name}
 def test_dpo_variants(tmp_path, small_world, tiny_sft, variant):
     extra = ", lora: {r: 8, alpha: 16, dropout: 0.0}" if variant == "lora" else ""
     args = ["--set", "dpo.precompute_ref=true"] if variant == "precompute" else []
+    if variant == "full":
+        args = ["--set", "dpo.sft_weight=1.0"]  # RPO: DPO + the NLL of the chosen answers
     proc = cli("dpo", _recipe(tmp_path, small_world, tiny_sft, variant, extra), *args, check=True)
     summary = json.loads((tmp_path / variant / "summary.json").read_text())
     for key in ("eval_preference_accuracy", "eval_reward_margin", "kl_to_ref", "gold_score", "ref_gold_score",
@@ -36,6 +38,11 @@ def test_dpo_variants(tmp_path, small_world, tiny_sft, variant):
     assert (tmp_path / variant / "eval_answers_before.jsonl").exists()
     if variant == "lora":
         assert (tmp_path / variant / "adapter_config.json").exists()
+    if variant == "full":
+        # The DPO term starts at log 2 (policy = reference); the chosen answers' NLL comes on top of it.
+        first = next(json.loads(line) for line in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
+                     if "loss" in json.loads(line))
+        assert summary["sft_weight"] == 1.0 and first["loss"] > 0.75
     assert "dpo summary" in proc.stdout
 
 
