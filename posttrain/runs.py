@@ -42,6 +42,11 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
+def _same_recipe(saved: str, text: str) -> bool:
+    """The same settings, whatever the order of the keys (a new release may list fields differently)."""
+    return saved == text or yaml.safe_load(saved) == yaml.safe_load(text)
+
+
 class AlreadyDone(Exception):
     """The output directory already holds a finished run of this exact recipe."""
 
@@ -67,12 +72,12 @@ class Run:
         text = recipe_yaml(self.recipe)
         saved = self.dir / "recipe.yaml"
         if (self.dir / "DONE").exists() and not force:
-            if saved.exists() and saved.read_text() == text:
+            if saved.exists() and _same_recipe(saved.read_text(), text):
                 raise AlreadyDone(str(self.dir))
             raise UserError(
                 f"{self.dir} holds a finished run of a different recipe; pass --force to replace it or set another output_dir"
             )
-        different = saved.exists() and saved.read_text() != text
+        different = saved.exists() and not _same_recipe(saved.read_text(), text)
         if different and not force:
             raise UserError(
                 f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"
