@@ -247,7 +247,7 @@ def detect_reward_hacking(
     *,
     window: int = 5,
     min_proxy_rise: float = 0.05,
-    min_gold_drop: float = 0.02,
+    min_gold_drop: float = 0.05,
     max_corr: float = -0.5,
     patience: int = 2,
 ) -> HackingCheck:

@@ -306,7 +306,9 @@ class MonitorSection(Section):
 
     window: int = Field(5, gt=0)  # iterations per smoothing window
     min_proxy_rise: float = Field(0.1, ge=0)  # in reward-model standard deviations
-    min_gold_drop: float = Field(0.02, ge=0)  # in gold score (0..1)
+    # In gold score (0..1). A 5-iteration window of 32 rollouts has a standard error near 0.035, so two
+    # windows differ by ~0.05 by chance; at 0.02 a run that ends +0.06 above SFT was flagged on noise.
+    min_gold_drop: float = Field(0.05, ge=0)
     patience: int = Field(2, gt=0)
 
 
