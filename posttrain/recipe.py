@@ -523,6 +523,10 @@ def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
         if is_hub_id(value):
             notes.append(f"{key}: {value} is a Hugging Face Hub name" + (" (not checked offline)" if offline else ""))
             continue
-        hint = " (run `make world` to generate the world data)" if "runs/world/data" in value else ""
+        hint = ""
+        if "runs/world/data_pref24/" in value:
+            hint = " (run `posttrain world recipes/world/world_pref24.yaml` to generate it)"
+        elif "runs/world/data/" in value:
+            hint = " (run `make world` to generate the world data)"
         raise UserError(f"{key}: {value} does not exist{hint}")
     return notes
