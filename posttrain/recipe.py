@@ -523,10 +523,21 @@ def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
         if is_hub_id(value):
             notes.append(f"{key}: {value} is a Hugging Face Hub name" + (" (not checked offline)" if offline else ""))
             continue
-        hint = ""
-        if "runs/world/data_pref24/" in value:
-            hint = " (run `posttrain world recipes/world/world_pref24.yaml` to generate it)"
-        elif "runs/world/data/" in value:
-            hint = " (run `make world` to generate the world data)"
-        raise UserError(f"{key}: {value} does not exist{hint}")
+        raise UserError(f"{key}: {value} does not exist{_world_hint(p)}")
     return notes
+
+
+def _world_hint(missing: Path) -> str:
+    """How to create a missing path that a shipped world recipe writes (its output_dir or a file in it)."""
+    for path in sorted(Path("recipes/world").glob("*.yaml")):
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            continue
+        if not (isinstance(doc, dict) and doc.get("stage") == "world" and doc.get("output_dir")):
+            continue
+        out = Path(doc["output_dir"])
+        if missing == out or out in missing.parents:
+            command = "make world" if path.name == "world.yaml" else f"posttrain world {path}"
+            return f" (run `{command}` to generate the world data)"
+    return ""

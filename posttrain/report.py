@@ -44,6 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from posttrain.errors import UserError
+from posttrain.runs import read_metrics
 
 # Table rows: key -> (the suite metric that asks for it, +1 higher is better / -1 lower / 0 neither, meaning).
 KEYS: dict[str, tuple[str, int, str]] = {
@@ -277,15 +278,12 @@ def pick_examples(rows: list[dict], results: list[Result], n: int) -> list[int]:
     return picked
 
 
-def ppo_info(name: str, path: Path, plots: Path) -> dict | None:
-    """For a PPO run: its reward-hacking verdict and a proxy-vs-gold plot from its metrics.jsonl."""
+def ppo_info(name: str, path: Path, rows: list[dict], plots: Path) -> dict:
+    """For a PPO run: its reward-hacking verdict and a proxy-vs-gold plot from its metrics rows."""
     from posttrain.plots import curves
 
-    if _stage(path) != "ppo":
-        return None
-    summary_file, metrics_file = path / "summary.json", path / "metrics.jsonl"
+    summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     info = {k: summary.get(k) for k in ("reward", "reward_hacking", "reward_hacking_iteration", "reward_hacking_reason",
                                         "final_proxy", "final_gold", "kl_to_ref")}
     flag = f" - REWARD HACKING flagged at iteration {info['reward_hacking_iteration']}" if info["reward_hacking"] else ""
@@ -295,18 +293,12 @@ def ppo_info(name: str, path: Path, plots: Path) -> dict | None:
     return info
 
 
-def gold_curves(runs: dict[str, Path], path: Path) -> Path | None:
-    """The gold reward of each PPO run's rollouts per iteration, on one plot: which reward signal
-    raises the true score fastest."""
+def gold_curves(runs: dict[str, list[dict]], path: Path) -> Path | None:
+    """The gold reward of each PPO run's rollouts per iteration (from its metrics rows), on one plot:
+    which reward signal raises the true score fastest."""
     from posttrain.plots import curves
 
-    rows = []
-    for name, run_dir in runs.items():
-        metrics = run_dir / "metrics.jsonl"
-        for line in metrics.read_text().splitlines() if metrics.exists() else []:
-            r = json.loads(line)
-            if "gold" in r:
-                rows.append({"step": r["step"], name: r["gold"]})
+    rows = [{"step": r["step"], name: r["gold"]} for name, metrics in runs.items() for r in metrics if "gold" in r]
     return curves(rows, list(runs), path, "gold reward of the rollouts per PPO iteration", "gold reward")
 
 
@@ -411,9 +403,10 @@ def _write(out: Path, report: dict, rows: list[dict], results: list[Result], mod
     for key in ("reward_score", "kl_to_ref", "mean_words"):
         if all(key in m for m in table.values()):
             made.append(bars({n: m[key] for n, m in table.items()}, plots / f"{key}.png", key))
-    report["ppo"] = {name: i for name, path in models.items() if (i := ppo_info(name, path, plots)) is not None}
-    if len(report["ppo"]) > 1:  # e.g. PPO through the reward model vs on the gold verifier directly
-        made.append(gold_curves({name: models[name] for name in report["ppo"]}, plots / "ppo_gold_curves.png"))
+    ppo_rows = {name: read_metrics(path) for name, path in models.items() if _stage(path) == "ppo"}
+    report["ppo"] = {name: ppo_info(name, models[name], rows, plots) for name, rows in ppo_rows.items()}
+    if len(ppo_rows) > 1:  # e.g. PPO through the reward model vs on the gold verifier directly
+        made.append(gold_curves(ppo_rows, plots / "ppo_gold_curves.png"))
     report["plots"] = [f"plots/{p.name}" for p in made if p is not None]
 
     (tmp / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")

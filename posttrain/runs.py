@@ -47,6 +47,12 @@ def _same_recipe(saved: str, text: str) -> bool:
     return saved == text or yaml.safe_load(saved) == yaml.safe_load(text)
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step ([] before the first)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 class AlreadyDone(Exception):
     """The output directory already holds a finished run of this exact recipe."""
 
@@ -157,8 +163,7 @@ class Run:
                     self._tb.add_scalar(k, v, step)
 
     def metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_metrics(self.dir)
 
     def plots_dir(self) -> Path:
         p = self.dir / "plots"

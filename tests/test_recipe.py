@@ -104,3 +104,17 @@ def test_shipped_recipes_validate_schema():
         if "accelerate" in path.parts:
             continue
         load_recipe(path)  # schema only: inputs may not exist before `make world`
+
+
+def test_missing_world_data_names_the_world_recipe_that_writes_it(monkeypatch):
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    from posttrain.recipe import _world_hint
+
+    monkeypatch.chdir(ROOT)  # recipes and their paths are relative to the repository root
+    assert _world_hint(Path("runs/world/data/no_such.jsonl")) == " (run `make world` to generate the world data)"
+    assert _world_hint(Path("runs/world/data")) == " (run `make world` to generate the world data)"
+    assert "posttrain world recipes/world/world_pref24.yaml" in _world_hint(Path("runs/world/data_pref24/x.jsonl"))
+    assert _world_hint(Path("runs/elsewhere/x.jsonl")) == ""
