@@ -240,20 +240,23 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
         head = prompt_ids(tokenizer, p)
         body = tokenizer.encode(r, add_special_tokens=False) + ([stop] if s else [])
         seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
-    out = []
+    out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    for b in range(0, len(seqs), batch_size):
-        batch = seqs[b : b + batch_size]
-        width = max(len(h) + len(x) for h, x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))  # less padding per batch
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, (h, x) in enumerate(batch):
-            ids[i, : len(h) + len(x)] = torch.tensor(h + x)
-            mask[i, : len(h) + len(x)] = 1
+        for row, i in enumerate(idx):
+            h, x = seqs[i]
+            ids[row, : len(h) + len(x)] = torch.tensor(h + x)
+            mask[row, : len(h) + len(x)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        for i, (h, x) in enumerate(batch):
-            out.append(float(logp[i, len(h) - 1 : len(h) - 1 + len(x)].sum()))
+        for row, i in enumerate(idx):
+            h, x = seqs[i]
+            out[i] = float(logp[row, len(h) - 1 : len(h) - 1 + len(x)].sum())
     model.train(was_training)
     return out
 

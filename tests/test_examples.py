@@ -140,3 +140,7 @@ def test_answers_that_retokenise_past_the_context_are_scored_up_to_its_end():
     full = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8 9 10"], [True])  # 3 + 8 > 8 positions
     cut = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8"], [False])  # what fits: 3 + 5
     assert full == pytest.approx(cut)
+    # batched by length, returned in the order asked
+    both = evaluate.sequence_logprobs(model, tok, ["1 2 3", "1"], ["4 5 6 7 8", "2"], [False, True])
+    alone = evaluate.sequence_logprobs(model, tok, ["1"], ["2"], [True])
+    assert both == pytest.approx(cut + alone, abs=1e-5)

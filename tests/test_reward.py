@@ -20,6 +20,9 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(tiny_reward):
     alone = scorer.score_ids([short])[0]
     padded_right = scorer.score_ids([short, long])[0]  # right-padded to the longer sequence
     assert abs(alone - padded_right) < 1e-5
+    # batched by length, returned in the order asked
+    both = scorer.score_ids([long, short])
+    assert abs(both[1] - alone) < 1e-5 and abs(both[0] - scorer.score_ids([long])[0]) < 1e-5
     # left padding too (with positions that skip the padding, as GPT-2's absolute positions need): the
     # pooled position is the rightmost non-pad token either way
     pad = scorer.tok.pad_token_id

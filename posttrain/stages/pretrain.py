@@ -120,6 +120,7 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
         c = recipe.model.config
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=len(tok), n_positions=block, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            n_inner=c.n_inner, activation_function=c.activation,
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         ))

@@ -99,6 +99,47 @@ def packing_is_exact(model) -> bool:
     return torch.allclose(alone, packed, atol=1e-4)
 
 
+class PackedRows:
+    """Collates BFD-packed rows as rows. Each row's sequences get position ids that restart at every
+    sequence and no attention mask, so the model keeps attention inside each sequence
+    (transformers/masking_utils.py find_packed_sequence_indices reads the sequences off the position
+    ids, row by row). TRL's padding-free collator instead joins the whole batch into one row, and on a
+    CPU, without a variable-length attention kernel, attention then spans batch x max_length
+    positions: 8 rows of 128 cost 1024^2 instead of 8 x 128^2, and a step took 1.6x as long."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        positions = torch.zeros_like(ids)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, :n] = torch.as_tensor(f["input_ids"])
+            labels[row, :n] = torch.as_tensor(f.get("labels", f["input_ids"]))
+            lengths = list(f.get("seq_lengths") or [n])
+            positions[row] = torch.cat([torch.arange(k) for k in lengths + [width - n]])  # padding: a sequence of its own
+        labels[positions == 0] = -100  # a sequence's first token is not predicted from the one before it
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+class RowPackedSFTTrainer(SFTTrainer):
+    """SFTTrainer fed by PackedRows. TRL counts a padding-free batch's tokens (the logged
+    num_tokens) as the length of its single row; here that is one row of many, so count the real ones."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        before = self._total_train_tokens
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.model.training and isinstance(self.data_collator, PaddingCounter) and \
+                isinstance(self.data_collator.collator, PackedRows):
+            real = (inputs["input_ids"] != self.data_collator.pad_id).sum()
+            self._total_train_tokens = before + self.accelerator.gather_for_metrics(real).sum().item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return out
+
+
 class PaddingCounter:
     """Wraps the data collator to count the padding tokens the model computes on."""
 
@@ -166,11 +207,12 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     peft_config = lora_config(recipe.model.lora, "CAUSAL_LM", new_tokens) if recipe.model.lora else None
     args = SFTConfig(**trainer_kwargs(recipe, run_, max_length=n, packing=packing, packing_strategy="bfd",
                                       eval_packing=False, assistant_only_loss=False, completion_only_loss=False))
-    trainer = build_trainer(SFTTrainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tok, peft_config=peft_config)
+    trainer = build_trainer(RowPackedSFTTrainer, run_, model=model, args=args, train_dataset=train_ds,
+                            eval_dataset=eval_ds, processing_class=tok, peft_config=peft_config)
     if peft_config is not None:
         expose_head_bias(trainer.model)
-    counter = PaddingCounter(trainer.data_collator, tok.pad_token_id)
+    # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
+    counter = PaddingCounter(PackedRows(tok.pad_token_id) if packing else trainer.data_collator, tok.pad_token_id)
     trainer.data_collator = counter
     train_metrics = fit(trainer, run_)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
