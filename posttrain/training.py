@@ -148,7 +148,8 @@ class Progress:
 
 # What a Hugging Face checkpoint lacks for a resumed run to log what an uninterrupted one logs: the
 # loss summed so far (the Trainer's train_loss averages only the steps since it started) and TRL's
-# running token count (num_tokens). Saved beside the checkpoint, read back by fit().
+# running token count (num_tokens), and a stage's own counts (`extra_state`, e.g. SFT's padding).
+# Saved beside the checkpoint, read back by fit().
 EXTRA_STATE_FILE = "posttrain_state.json"
 
 
@@ -177,7 +178,8 @@ def atomic_checkpoints(trainer_cls: type) -> type:
                 unlogged = float(getattr(self, "_tr_loss", 0.0))
                 extra = {"total_loss": self.loss_before_resume + getattr(self, "_total_loss_scalar", 0.0) + unlogged,
                          "total_train_tokens": getattr(self, "_total_train_tokens", None),
-                         "processes": self.accelerator.num_processes}
+                         "processes": self.accelerator.num_processes,
+                         "trainer": getattr(self, "extra_state", None)}  # a stage's own running counts
                 with open(os.path.join(staging, name, EXTRA_STATE_FILE), "w") as f:
                     json.dump(extra, f)
                 final = os.path.join(root, name)
@@ -225,5 +227,7 @@ def fit(trainer, run: Run) -> dict:
         trainer.loss_before_resume = extra["total_loss"]
         if extra.get("total_train_tokens") is not None:
             trainer._total_train_tokens = extra["total_train_tokens"]
+        if extra.get("trainer") is not None:
+            trainer.extra_state = extra["trainer"]
     out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     return dict(out.metrics)

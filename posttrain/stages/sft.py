@@ -125,37 +125,33 @@ class PackedRows:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-class RowPackedSFTTrainer(SFTTrainer):
-    """SFTTrainer fed by PackedRows. TRL counts a padding-free batch's tokens (the logged
-    num_tokens) as the length of its single row; here that is one row of many, so count the real ones."""
+class CountingSFTTrainer(SFTTrainer):
+    """SFTTrainer that counts the padding in its training batches (the summary's padding_fraction;
+    counted per step and kept in checkpoints, so a resumed run reports what an uninterrupted one
+    does). Fed by PackedRows it also counts the real tokens: TRL counts a batch without an attention
+    mask (the logged num_tokens) as the length of its single padding-free row, here one row of many."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_state = {"padded": 0, "computed": 0}  # saved beside each checkpoint (posttrain/training.py)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        before = self._total_train_tokens
+        training, before = self.model.training, self._total_train_tokens
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self.model.training and isinstance(self.data_collator, PaddingCounter) and \
-                isinstance(self.data_collator.collator, PackedRows):
-            real = (inputs["input_ids"] != self.data_collator.pad_id).sum()
-            self._total_train_tokens = before + self.accelerator.gather_for_metrics(real).sum().item()
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        if training:
+            ids = inputs["input_ids"]
+            padded = inputs["attention_mask"] == 0 if "attention_mask" in inputs else ids == self.processing_class.pad_token_id
+            self.extra_state["padded"] += int(padded.sum())
+            self.extra_state["computed"] += ids.numel()
+            if "attention_mask" not in inputs:
+                real = (~padded).sum()
+                self._total_train_tokens = before + self.accelerator.gather_for_metrics(real).sum().item()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return out
 
-
-class PaddingCounter:
-    """Wraps the data collator to count the padding tokens the model computes on."""
-
-    def __init__(self, collator, pad_id: int):
-        self.collator, self.pad_id = collator, pad_id
-        self.total = self.pad = 0
-
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.total += batch["input_ids"].numel()
-        self.pad += int((batch["input_ids"] == self.pad_id).sum())
-        return batch
-
     @property
-    def fraction(self) -> float:
-        return self.pad / self.total if self.total else 0.0
+    def padding_fraction(self) -> float:
+        return self.extra_state["padded"] / self.extra_state["computed"] if self.extra_state["computed"] else 0.0
 
 
 def heldout_retention(recipe: SftRecipe, rows: list[dict], scores: list) -> dict:
@@ -207,13 +203,12 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     peft_config = lora_config(recipe.model.lora, "CAUSAL_LM", new_tokens) if recipe.model.lora else None
     args = SFTConfig(**trainer_kwargs(recipe, run_, max_length=n, packing=packing, packing_strategy="bfd",
                                       eval_packing=False, assistant_only_loss=False, completion_only_loss=False))
-    trainer = build_trainer(RowPackedSFTTrainer, run_, model=model, args=args, train_dataset=train_ds,
+    trainer = build_trainer(CountingSFTTrainer, run_, model=model, args=args, train_dataset=train_ds,
                             eval_dataset=eval_ds, processing_class=tok, peft_config=peft_config)
     if peft_config is not None:
         expose_head_bias(trainer.model)
-    # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
-    counter = PaddingCounter(PackedRows(tok.pad_token_id) if packing else trainer.data_collator, tok.pad_token_id)
-    trainer.data_collator = counter
+    if packing:  # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
+        trainer.data_collator = PackedRows(tok.pad_token_id)
     train_metrics = fit(trainer, run_)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
     if not run_.main:
@@ -223,7 +218,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     trained = sum(sum(t != -100 for t in lab) for lab in train_ds["labels"])
     summary: dict = {
         **stats, **eval_stats,
-        "loss_mode": mode, "packing": packing, "padding_fraction": counter.fraction,
+        "loss_mode": mode, "packing": packing, "padding_fraction": trainer.padding_fraction,
         "trained_token_fraction": trained / sum(len(x) for x in train_ds["input_ids"]),
         "lora": recipe.model.lora is not None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
