@@ -228,7 +228,7 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
     included when it stopped). Works from text, so any model can score any other model's answers.
     Re-tokenised text can be longer than what was generated: an answer is scored up to the end of the
     model's context, not past it."""
-    from posttrain.models import context_length, prompt_ids, stop_ids
+    from posttrain.models import context_length, prompt_ids, right_padded_batches, stop_ids
 
     was_training = model.training
     model.eval()
@@ -242,16 +242,7 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
         seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
     out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))  # less padding per batch
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
-            h, x = seqs[i]
-            ids[row, : len(h) + len(x)] = torch.tensor(h + x)
-            mask[row, : len(h) + len(x)] = 1
+    for idx, ids, mask in right_padded_batches([h + x for h, x in seqs], batch_size, pad):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         for row, i in enumerate(idx):

@@ -196,3 +196,17 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finish
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def right_padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int):
+    """Token sequences in batches of similar length (less padding), right-padded with `pad_id`.
+    Yields (the batch's indices into `seqs`, input ids, attention mask)."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        ids = torch.full((len(idx), max(len(seqs[i]) for i in idx)), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, : len(seqs[i])] = 1
+        yield idx, ids, mask

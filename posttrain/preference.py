@@ -170,17 +170,11 @@ class RewardScorer:
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         """Scores of token sequences, right-padded with the pad token; the model reads the last real token."""
+        from posttrain.models import right_padded_batches
+
         out = [0.0] * len(seqs)
         device = next(self.model.parameters()).device
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b : b + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, : len(seqs[i])] = 1
+        for idx, ids, mask in right_padded_batches(seqs, self.batch_size, self.tok.pad_token_id):
             scores = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s
