@@ -176,6 +176,27 @@ def expose_head_bias(model) -> None:
         head.__dict__["bias"] = getattr(head.original_module, "bias", None)
 
 
+def add_blocks(model, n: int) -> None:
+    """Append `n` GPT-2 blocks on top of the existing ones, each starting as the identity (its two
+    output projections are zero), so the model computes exactly what it did until training moves
+    them. For a reward model: a block on top can read what the last pretrained block predicted at
+    one position and compare it with the token that actually comes next, which a small model's own
+    blocks are too few to do while they still compute the prediction."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    body = getattr(model, "transformer", None)
+    if model.config.model_type != "gpt2" or body is None:
+        raise UserError(f"reward.extra_layers: adding blocks is supported for GPT-2 models, not "
+                        f"{model.config.model_type}; set it to 0")
+    for _ in range(n):
+        block = GPT2Block(model.config, layer_idx=len(body.h))
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
+        body.h.append(block.to(next(model.parameters()).dtype))
+    model.config.n_layer = len(body.h)
+
+
 def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finished: bool = True) -> Path:
     """Merge a LoRA run's adapter into its base and save a full model (default: RUN_DIR/merged).
     `finished=False` is for the stage itself, merging before it writes DONE."""

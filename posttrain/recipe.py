@@ -272,6 +272,7 @@ class RewardSection(PairSection):
     center_rewards: float | None = Field(None, ge=0)  # weight of a penalty pulling mean rewards to 0
     gold_pairs: int = Field(200, ge=0)  # fresh answer pairs to rank with the RM and the gold verifier (world)
     policy: str | None = None  # which policy samples those pairs (default: model.path)
+    extra_layers: int = Field(0, ge=0)  # identity-initialised GPT-2 blocks added on top (see models.add_blocks)
 
 
 class RewardRecipe(FineTuneRecipe):

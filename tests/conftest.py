@@ -80,7 +80,7 @@ def tiny_reward(tmp_path_factory, small_world, tiny_sft) -> Path:
 stage: reward
 model: {{path: {tiny_sft}}}
 data: {{train: {small_world}/pref_train.jsonl, eval: {small_world}/pref_eval.jsonl, max_length: 128}}
-reward: {{gold_pairs: 16}}
+reward: {{gold_pairs: 16, extra_layers: 1}}
 eval: {{prompts: {small_world}/eval_prompts.jsonl, verifier: {small_world}, max_new_tokens: 16}}
 train: {{max_steps: 20, lr: 1.0e-3, batch_size: 8, save_every: 100}}
 logging: {{every: 5}}

@@ -10,6 +10,7 @@ from conftest import cli, write
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.errors import UserError
+from posttrain.models import add_blocks
 from posttrain.preference import RewardScorer, load_pairs
 
 
@@ -32,7 +33,7 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(tiny_reward):
     assert abs(alone - left) < 1e-4
 
 
-def test_reward_run_reports_and_loads_as_a_classifier(tiny_reward):
+def test_reward_run_reports_and_loads_as_a_classifier(tiny_reward, tiny_sft):
     summary = json.loads((tiny_reward / "summary.json").read_text())
     for key in ("eval_accuracy", "eval_mean_margin", "gold_agreement", "gold_pairs_sampled", "train_pairs"):
         assert key in summary, key
@@ -41,6 +42,8 @@ def test_reward_run_reports_and_loads_as_a_classifier(tiny_reward):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward)
     tok = AutoTokenizer.from_pretrained(tiny_reward)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    # the fixture adds a block on top of the SFT model's (reward.extra_layers: 1); it is saved and loads back
+    assert model.config.n_layer == AutoModelForSequenceClassification.from_pretrained(tiny_sft).config.n_layer + 1
 
 
 def test_degenerate_pairs_are_counted_and_skipped(tmp_path):
@@ -83,3 +86,25 @@ output_dir: {tmp_path / 'out'}
 """)
     proc = cli("reward", str(recipe))
     assert proc.returncode == 2 and "unfinished run (no DONE file)" in proc.stderr
+
+
+def test_added_blocks_start_as_the_identity(tiny_sft):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_sft, num_labels=1).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    before = model(input_ids=ids).logits
+    layers = model.config.n_layer
+    add_blocks(model, 2)
+    assert model.config.n_layer == layers + 2 == len(model.transformer.h)
+    assert torch.allclose(model.eval()(input_ids=ids).logits, before, atol=1e-6)
+    # and they train: the zero output projections get gradients
+    model(input_ids=ids).logits.sum().backward()
+    assert model.transformer.h[-1].mlp.c_proj.weight.grad.abs().sum() > 0
+
+
+def test_added_blocks_need_a_gpt2_model():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, vocab_size=32, num_labels=1))
+    with pytest.raises(UserError, match="reward.extra_layers"):
+        add_blocks(model, 1)

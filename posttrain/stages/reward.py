@@ -2,7 +2,8 @@
 
 Reads:  model.path (usually the SFT run), data.train / data.eval (preference pairs: conversational,
         strings, or Alpaca-style), data.max_length, reward.* (overlong, center_rewards, gold_pairs,
-        policy, eval_split: a seeded held-out part of data.train when there is no data.eval),
+        policy, eval_split: a seeded held-out part of data.train when there is no data.eval,
+        extra_layers: GPT-2 blocks added on top, starting as the identity),
         train.*, eval.* (prompts and the world's verifier for the gold check).
 Writes: a sequence-classification model with one output (the reward), loadable with
         AutoModelForSequenceClassification (a LoRA run is merged into it; the adapter is kept in
@@ -29,7 +30,7 @@ from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.evaluate import answer
 from posttrain.metrics import agreement, pairwise
-from posttrain.models import check_max_length, is_adapter, load_causal_lm, load_tokenizer, lora_config
+from posttrain.models import add_blocks, check_max_length, is_adapter, load_causal_lm, load_tokenizer, lora_config
 from posttrain.plots import curves, histogram
 from posttrain.preference import RewardScorer, fit_length, load_train_eval
 from posttrain.recipe import RewardRecipe
@@ -80,6 +81,7 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(recipe.model.path, num_labels=1,
                                                                trust_remote_code=recipe.model.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id
+    add_blocks(model, recipe.reward.extra_layers)
     check_max_length(model, n)
 
     run_ = Run(recipe).start(force)
