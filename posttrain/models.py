@@ -184,6 +184,8 @@ def add_blocks(model, n: int) -> None:
     blocks are too few to do while they still compute the prediction."""
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+    if n == 0:  # the default: any architecture
+        return
     body = getattr(model, "transformer", None)
     if model.config.model_type != "gpt2" or body is None:
         raise UserError(f"reward.extra_layers: adding blocks is supported for GPT-2 models, not "

@@ -106,5 +106,6 @@ def test_added_blocks_need_a_gpt2_model():
 
     model = LlamaForSequenceClassification(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                        num_attention_heads=2, vocab_size=32, num_labels=1))
+    add_blocks(model, 0)  # the default leaves any model alone
     with pytest.raises(UserError, match="reward.extra_layers"):
         add_blocks(model, 1)
