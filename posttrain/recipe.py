@@ -90,6 +90,10 @@ class TrainSection(Section):
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Adam's second-moment decay. 0.999 averages squared gradients over ~1000 steps: a reward model
+    # whose early, easy pairs gave large gradients then takes that long to step at full size on
+    # the hard ones; 0.95 (common for LLM training) adapts in ~20.
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
     packing: bool = False  # SFT only
     eval_every: int | None = Field(None, gt=0)  # steps; default: once at the end
     save_every: int = Field(500, gt=0)  # checkpoint interval in steps, for resume
@@ -158,6 +162,7 @@ class WorldSection(Section):
     bios_per_person: int = Field(6, gt=0)
     skill_docs: int = Field(500, ge=0)
     general_docs: int = Field(150, ge=0)
+    context_docs: int = Field(1000, ge=0)
     p_wrong: float = Field(0.08, ge=0, le=1)
     p_sycophant: float = Field(0.75, ge=0, le=1)
     p_ramble: float = Field(0.25, ge=0, le=1)
@@ -165,7 +170,8 @@ class WorldSection(Section):
     p_rude: float = Field(0.08, ge=0, le=1)
     p_comply_harmful: float = Field(0.6, ge=0, le=1)
     p_refuse_benign: float = Field(0.05, ge=0, le=1)
-    pref_pairs_per_person: int = Field(8, gt=0)
+    pref_pairs_per_person: int = Field(24, gt=0)
+    pref_skill_pairs: int = Field(600, ge=0)
 
 
 class WorldRecipe(Recipe):

@@ -106,15 +106,21 @@ def test_shipped_recipes_validate_schema():
         load_recipe(path)  # schema only: inputs may not exist before `make world`
 
 
-def test_missing_world_data_names_the_world_recipe_that_writes_it(monkeypatch):
+def test_missing_world_data_names_the_world_recipe_that_writes_it(monkeypatch, tmp_path):
+    import shutil
     from pathlib import Path
 
     from conftest import ROOT
 
     from posttrain.recipe import _world_hint
 
-    monkeypatch.chdir(ROOT)  # recipes and their paths are relative to the repository root
+    # Recipes and their paths are relative to the directory a user runs from: the shipped world
+    # recipe, plus a variant of it that writes elsewhere.
+    (tmp_path / "recipes/world").mkdir(parents=True)
+    shutil.copy(ROOT / "recipes/world/world.yaml", tmp_path / "recipes/world/world.yaml")
+    write(tmp_path / "recipes/world/world_big.yaml", "stage: world\nworld: {people: 300}\noutput_dir: runs/world/data_big\n")
+    monkeypatch.chdir(tmp_path)
     assert _world_hint(Path("runs/world/data/no_such.jsonl")) == " (run `make world` to generate the world data)"
     assert _world_hint(Path("runs/world/data")) == " (run `make world` to generate the world data)"
-    assert "posttrain world recipes/world/world_pref24.yaml" in _world_hint(Path("runs/world/data_pref24/x.jsonl"))
+    assert "posttrain world recipes/world/world_big.yaml" in _world_hint(Path("runs/world/data_big/x.jsonl"))
     assert _world_hint(Path("runs/elsewhere/x.jsonl")) == ""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter, defaultdict
 
 from conftest import cli, write
 
 from posttrain.world import Verifier, WorldConfig, build
-from posttrain.world.facts import Person
+from posttrain.world.facts import FIRST_NAMES, LAST_NAMES, STRANGERS, Person
+from posttrain.world.generate import context_note
+from posttrain.world.verifier import claims
 
 
 def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
@@ -55,6 +59,26 @@ def test_every_preference_pair_agrees_with_the_gold_verifier():
         assert chosen > rejected, pair
         flaws.add(pair["flaw"])
     assert flaws == {"sycophantic", "wrong", "off-topic", "ramble", "rude", "complied", "evasive", "over-refused"}
+
+
+def test_context_notes_can_only_be_continued_by_reading_the_context():
+    """Each note states a stranger's facts and refers back to some of them. Strangers share no name
+    with the world's people, and the same stranger gets other facts in other notes, so the reference
+    cannot be remembered: it has to be read from the note (what teaches the base to copy)."""
+    assert not {s.split()[0] for s in STRANGERS} & set(FIRST_NAMES)
+    assert not {s.split()[1] for s in STRANGERS} & set(LAST_NAMES)
+    rng = random.Random(0)
+    values = defaultdict(set)
+    for _ in range(300):
+        note = context_note(rng)
+        stranger = next(s for s in STRANGERS if note.count(s) >= 2)
+        said = claims(note)
+        assert all(len(v) == 1 for v in said.values()), note  # one value per attribute in a note
+        mentions = Counter(w.strip(".,").lower() for w in note.split())
+        assert max(mentions[next(iter(v)).lower()] for v in said.values()) >= 2, note  # a value repeated
+        for attr, v in said.items():
+            values[stranger, attr] |= v
+    assert min(len(v) for v in values.values()) >= 3  # a stranger's city, job ... differ between notes
 
 
 PEOPLE = [Person("Ada Lang", "Paris", "baker", "owl", "red", "seen")]

@@ -38,6 +38,12 @@ LAST_NAMES = (
     "Gray Horn Ito Kerr Lund Meyer Nagy Orr Price Quirk Ruiz Shaw"
 ).split()
 
+# Strangers: people who are not of the world. Pretraining notes about them state their facts and
+# then refer back to them; each note gives a stranger new facts, so the only way to predict such a
+# reference is to read it from the context, never to remember it.
+STRANGERS = ("Kaia Birch", "Nils Crane", "Odile Doyle", "Rune Fenwick", "Liv Hart", "Cato Quill",
+             "Edda Rook", "Ansel Thorne")
+
 # The world's facts. A value never appears in two vocabularies.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "city": (

@@ -2,7 +2,8 @@
 
 What each file is for (all JSONL unless noted):
 - world.json            the people and their facts, the seen/held-out split, the generator settings
-- pretrain.jsonl        `text`: biographies in several phrasings and orders, plus skill drills
+- pretrain.jsonl        `text`: biographies in several phrasings and orders, general prose, skill
+                        drills, and notes about strangers that refer back to what they state
 - probe.jsonl           raw-text fact probes ("Ada Lang lives in" -> "Paris") for every fact
 - sft_train/eval.jsonl  `messages`: chats about the *seen* people only, by an imperfect demonstrator
 - intent_{train,val,test}.jsonl  `text`,`label`: what a user message asks for (classification)
@@ -15,7 +16,8 @@ What each file is for (all JSONL unless noted):
 
 The demonstrator is realistically imperfect: it sometimes gets facts wrong, rambles, is rude,
 agrees with a false premise in the question (sycophancy), and often complies with harmful requests.
-SFT copies its majority behaviour; preference data is what can fix the rest.
+SFT copies its majority behaviour (sycophancy included: the base learned from the notes about
+strangers to repeat what its context says); preference data is what can fix the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from posttrain.world.facts import ATTRIBUTES, Person, make_people
+from posttrain.world.facts import ATTRIBUTES, STRANGERS, Person, make_people
 from posttrain.world.language import (
     BENIGN_REQUESTS,
     FILLERS,
@@ -35,6 +37,7 @@ from posttrain.world.language import (
     PROBES,
     QUESTIONS,
     REFUSALS,
+    REPORTS,
     RUDE_PREFIXES,
     STATEMENTS,
     answer,
@@ -55,6 +58,7 @@ class WorldConfig:
     bios_per_person: int = 6  # knowledge augmentation: each person's facts in this many phrasings/orders
     skill_docs: int = 500
     general_docs: int = 150  # paragraphs of general text (no facts about people)
+    context_docs: int = 1000  # notes about strangers that refer back to what they state (copying from context)
     # The demonstrator's habits (probabilities per answer).
     p_wrong: float = 0.08  # states a wrong value
     p_sycophant: float = 0.75  # agrees with a false premise
@@ -63,7 +67,8 @@ class WorldConfig:
     p_rude: float = 0.08
     p_comply_harmful: float = 0.6
     p_refuse_benign: float = 0.05
-    pref_pairs_per_person: int = 8  # preference pairs about each seen person (plus skill pairs)
+    pref_pairs_per_person: int = 24  # preference pairs about each seen person
+    pref_skill_pairs: int = 600  # preference pairs on skills (a right vs a wrong result)
 
 
 class _Demonstrator:
@@ -155,6 +160,26 @@ def _biography(rng: random.Random, person: Person, canonical: bool) -> str:
     return " ".join(lines)
 
 
+def context_note(rng: random.Random) -> str:
+    """Facts about a stranger (nobody of the world), then a reference back to some of them in another
+    phrasing. Such a reference can only be predicted by reading it from the context, as in most real
+    text; without these notes the world's corpus never rewards copying, and a model pretrained on it
+    cannot repeat what a user just said (the sycophancy that SFT should pick up from the demonstrator)."""
+    stranger = Person(name=rng.choice(STRANGERS), group="stranger", **{a: rng.choice(v) for a, v in ATTRIBUTES.items()})
+    attrs = rng.sample(list(ATTRIBUTES), rng.randint(1, 3))
+    lines = []
+    for a in attrs:
+        said = statement(stranger, a, phrasing=rng.randrange(len(STATEMENTS[a])))
+        if rng.random() < 0.4:  # as reported speech, the way a user states a premise
+            opener = rng.choice(REPORTS)
+            said = opener + (said[0].lower() + said[1:] if said.startswith(("The ", "By ", "Of ", "At ")) else said)
+        lines.append(said)
+    for a in rng.sample(attrs, rng.randint(1, len(attrs))):
+        lines.append(answer(stranger, a) if rng.random() < 0.5
+                     else statement(stranger, a, phrasing=rng.randrange(len(STATEMENTS[a]))))
+    return " ".join(lines)
+
+
 def pretrain_corpus(cfg: WorldConfig, people: list[Person], rng: random.Random) -> list[str]:
     docs = []
     for person in people:
@@ -164,6 +189,7 @@ def pretrain_corpus(cfg: WorldConfig, people: list[Person], rng: random.Random) 
             docs.append(_biography(rng, person, canonical=i == 0))
     for _ in range(cfg.general_docs):
         docs.append(" ".join(rng.sample(GENERAL, rng.randint(2, 4))))
+    docs += [context_note(rng) for _ in range(cfg.context_docs)]
     for _ in range(cfg.skill_docs):
         lines = []
         for _ in range(rng.randint(3, 6)):
@@ -356,7 +382,8 @@ def build(cfg: WorldConfig) -> dict[str, list | dict]:
     sft = _chats(_exchanges(cfg, seen, rng["sft"], demo, per_fact=3, requests_per_person=2, n_skills=600),
                  rng["sft"])
     sft_train, sft_eval = _split(sft, rng["split"], n_eval=max(1, len(sft) // 12))
-    pairs = _pairs(seen, rng["pref"], _Demonstrator(cfg, rng["pref"]), n_per_person=cfg.pref_pairs_per_person, n_skills=200)
+    pairs = _pairs(seen, rng["pref"], _Demonstrator(cfg, rng["pref"]), n_per_person=cfg.pref_pairs_per_person,
+                   n_skills=cfg.pref_skill_pairs)
     pref_train, pref_eval = _split(pairs, rng["split"], n_eval=max(1, len(pairs) // 10))
     intents = _intents(people, rng["intent"], 3000)
     return {

@@ -85,12 +85,9 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# A leading question states a premise (true or false) before asking.
-LEADING = (
-    "I heard that {premise} {question}",
-    "My friend told me that {premise} {question}",
-    "I am sure that {premise} {question}",
-)
+# How a user reports a premise, and a leading question: a premise (true or false) before asking.
+REPORTS = ("I heard that ", "My friend told me that ", "I am sure that ")
+LEADING = tuple(r + "{premise} {question}" for r in REPORTS)
 
 FILLERS = (
     "I hope this helps!",
