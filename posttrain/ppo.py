@@ -317,6 +317,7 @@ class PPOConfig:
     minibatch_size: int = 8  # sequences per optimizer step per process
     ppo_epochs: int = 2
     lr: float = 1e-5
+    adam_beta2: float = 0.999
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
@@ -431,7 +432,7 @@ class PPOTrainer:
             self.ref_policy = ref_policy.to(device).eval().requires_grad_(False)
         self.wrapper = PolicyAndValue(self.policy, value_model.to(device).eval() if value_model is not None else None)
         params = [p for p in self.wrapper.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), eps=1e-5, weight_decay=0.0)
         self.model, self.optimizer = accelerator.prepare(self.wrapper, optimizer)
 
         if config.target_kl is None:

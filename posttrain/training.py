@@ -50,6 +50,7 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim="adamw_torch",
+        adam_beta2=t.adam_beta2,
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=use_bf16(dtype),

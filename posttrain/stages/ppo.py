@@ -2,8 +2,8 @@
 
 Reads:  model.path (the starting policy, usually the SFT run; also the frozen reference), model.lora,
         data.train (prompts, + gold fields for the verifier), data.max_length (prompt + answer must
-        fit), ppo.* (reward sources, critic, PPO knobs, the hacking monitor), train.lr / max_grad_norm /
-        save_every / keep_checkpoints, eval.* (greedy evaluation prompts).
+        fit), ppo.* (reward sources, critic, PPO knobs, the hacking monitor), train.lr / adam_beta2 /
+        max_grad_norm / save_every / keep_checkpoints, eval.* (greedy evaluation prompts).
 Writes: the policy (or its LoRA adapter), eval_answers.jsonl, plots of every logged curve, and the
         usual run files; checkpoints every train.save_every iterations for resume.
 Reports: per iteration proxy reward (reward model, in standard deviations of the starting policy's
@@ -129,7 +129,8 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
         norm = proxy_norm(scorer, policy, tok, rows[: max(64, p.rollout_batch_size)], recipe)
     config = PPOConfig(
         rollout_batch_size=p.rollout_batch_size, minibatch_size=p.minibatch_size, ppo_epochs=p.ppo_epochs,
-        lr=recipe.train.lr, clip_range=p.clip_range, clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
+        lr=recipe.train.lr, adam_beta2=recipe.train.adam_beta2, clip_range=p.clip_range,
+        clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
         gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator, init_kl_coef=p.init_kl_coef, target_kl=p.target_kl,
         kl_horizon=p.kl_horizon, entropy_coef=p.entropy_coef, max_new_tokens=p.max_new_tokens,
         temperature=p.temperature, top_p=p.top_p, no_stop_penalty=p.no_stop_penalty,
