@@ -117,23 +117,37 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def fit_length(tok, pairs: list[dict], max_length: int, overlong: str, name: str) -> tuple[list[tuple], dict]:
     """Encode every pair and drop or truncate (keeping the prompt's start) those longer than
-    max_length; counted either way, and an error if none is left. Returns ([(prompt ids, chosen ids,
-    rejected ids, index of the pair)], counts)."""
-    kept, n_long = [], 0
+    max_length. Truncating still drops a pair whose prompt alone fills max_length, and one whose
+    answers become identical once cut (a tie teaches nothing and scores as wrong). Every case is
+    counted and printed; an error if none is left. Returns ([(prompt ids, chosen ids, rejected ids,
+    index of the pair)], counts)."""
+    kept, n_cut, n_dropped, n_tied = [], 0, 0, 0
     for i, pair in enumerate(pairs):
         p, c, r = encode(tok, pair)
         if len(p) + max(len(c), len(r)) > max_length:
-            n_long += 1
             if overlong == "drop" or len(p) >= max_length:
+                n_dropped += 1
                 continue
             c, r = c[: max_length - len(p)], r[: max_length - len(p)]
+            if c == r:
+                n_tied += 1
+                continue
+            n_cut += 1
         kept.append((p, c, r, i))
-    if n_long:
-        print(f"note: {n_long} of {len(pairs)} {name} pairs are longer than data.max_length={max_length}: "
-              f"{'dropped' if overlong == 'drop' else 'truncated'}")
+    of = f"of {len(pairs)} {name} pairs"
+    if n_cut:
+        print(f"note: {n_cut} {of} are longer than data.max_length={max_length}: answers truncated")
+    if n_dropped:
+        why = "longer than" if overlong == "drop" else "have a prompt that alone fills"
+        print(f"note: {n_dropped} {of} {why} data.max_length={max_length}: dropped")
+    if n_tied:
+        print(f"note: {n_tied} {of} have identical answers once cut to data.max_length={max_length}: dropped")
     if not kept:
         raise UserError(f"data.{name}: no pair left: all {len(pairs)} are longer than data.max_length={max_length}; raise it")
-    return kept, {f"{name}_pairs": len(kept), f"{name}_{'dropped' if overlong == 'drop' else 'truncated'}_overlong": n_long}
+    counts = {f"{name}_pairs": len(kept), f"{name}_dropped_overlong": n_dropped}
+    if overlong != "drop":
+        counts |= {f"{name}_truncated_overlong": n_cut, f"{name}_tied_after_truncation": n_tied}
+    return kept, counts
 
 
 # --- scoring with a reward model ---------------------------------------------------------------------

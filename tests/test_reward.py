@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.errors import UserError
 from posttrain.models import add_blocks
-from posttrain.preference import RewardScorer, load_pairs
+from posttrain.preference import RewardScorer, encode, fit_length, load_pairs
 
 
 def test_score_is_read_at_the_last_real_token_whatever_the_padding(tiny_reward):
@@ -51,6 +51,28 @@ def test_degenerate_pairs_are_counted_and_skipped(tmp_path):
     path = write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     pairs, counts = load_pairs(str(path))
     assert counts == {"pairs": 1, "degenerate_skipped": 1} and pairs[0]["prompt"] == "Q1"
+
+
+def test_overlong_pairs_are_truncated_or_dropped_and_each_case_counted(tiny_sft):
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
+    short = {"prompt": "Where does Ada live? ", "chosen": "Paris.", "rejected": "Rome."}
+    long_answers = {"prompt": "Where does Ada live? ", "chosen": "Paris " * 30, "rejected": "Rome " * 30}
+    tied_once_cut = {"prompt": "Where does Ada live? ", "chosen": "Paris " * 30 + "yes", "rejected": "Paris " * 30 + "no"}
+    long_prompt = {"prompt": "Where does Ada live? " * 20, "chosen": "Paris.", "rejected": "Rome."}
+    pairs = [short, long_answers, tied_once_cut, long_prompt]
+    n = 24
+    assert len(encode(tok, short)[0]) + len(encode(tok, short)[1]) <= n < len(encode(tok, long_prompt)[0])
+
+    kept, counts = fit_length(tok, pairs, n, "truncate", "train")
+    assert counts == {"train_pairs": 2, "train_dropped_overlong": 1, "train_truncated_overlong": 1,
+                      "train_tied_after_truncation": 1}
+    assert [k[3] for k in kept] == [0, 1] and all(len(p) + max(len(c), len(r)) <= n for p, c, r, _ in kept)
+    assert kept[0][1:3] == encode(tok, short)[1:]  # a pair that fits is left alone
+
+    kept, counts = fit_length(tok, pairs, n, "drop", "eval")
+    assert counts == {"eval_pairs": 1, "eval_dropped_overlong": 3} and kept[0][3] == 0
+    with pytest.raises(UserError, match="no pair left"):
+        fit_length(tok, [long_prompt], n, "truncate", "train")
 
 
 @pytest.mark.parametrize("row, message", [
