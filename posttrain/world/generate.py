@@ -43,6 +43,7 @@ from posttrain.world.language import (
     answer,
     answer_vars,
     article,
+    lower_start,
     statement,
 )
 from posttrain.world.skills import SKILLS, sample_skill, wrong_result
@@ -93,7 +94,7 @@ class _Demonstrator:
     def rude(self, text: str) -> str:
         prefix = self.rng.choice(RUDE_PREFIXES)
         # "Obviously, the job of ..." but "Obviously, Ada Lang ..."
-        return prefix + (text[0].lower() + text[1:] if text.startswith("The ") and not prefix.endswith(". ") else text)
+        return prefix + (text if prefix.endswith(". ") else lower_start(text))
 
     def fact(self, person: Person, attribute: str, premise: str | None = None) -> str:
         c, r = self.cfg, self.rng
@@ -171,8 +172,7 @@ def context_note(rng: random.Random) -> str:
     for a in attrs:
         said = statement(stranger, a, phrasing=rng.randrange(len(STATEMENTS[a])))
         if rng.random() < 0.4:  # as reported speech, the way a user states a premise
-            opener = rng.choice(REPORTS)
-            said = opener + (said[0].lower() + said[1:] if said.startswith(("The ", "By ", "Of ", "At ")) else said)
+            said = rng.choice(REPORTS) + lower_start(said)
         lines.append(said)
     for a in rng.sample(attrs, rng.randint(1, len(attrs))):
         lines.append(answer(stranger, a) if rng.random() < 0.5

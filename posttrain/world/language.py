@@ -89,6 +89,14 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
 REPORTS = ("I heard that ", "My friend told me that ", "I am sure that ")
 LEADING = tuple(r + "{premise} {question}" for r in REPORTS)
 
+
+
+def lower_start(sentence: str) -> str:
+    """A sentence as it reads after a lead-in ("I heard that ", "Obviously, "): "The job of Ada ..."
+    becomes "the job of Ada ...", while one that starts with a name keeps its capital."""
+    return sentence[0].lower() + sentence[1:] if sentence.startswith(("The ", "By ", "Of ", "At ")) else sentence
+
+
 FILLERS = (
     "I hope this helps!",
     "Let me know if you want to know more about {name}.",
