@@ -45,9 +45,9 @@ STAGES = {
                  "the model completes correctly (fact_recall in summary.json)."),
     "sft": ("posttrain.stages.sft", "supervised fine-tuning with a chat template and loss masking",
             "Fine-tune a causal LM on chats (messages), prompt/completion pairs, Alpaca records or plain text with TRL's "
-            "SFTTrainer. A chat template from data_templates/ is attached (its special tokens are added and the embedding "
-            "resized); the loss covers only what the model should learn to say (assistant turns and their end token, or "
-            "completions), packing is padding-free, and model.lora switches to LoRA. At the end it answers the eval "
+            "SFTTrainer. The model keeps its own chat template, or model.chat_template names one (from data_templates/: its "
+            "special tokens are added and the embedding resized); the loss covers only what the model should learn to say "
+            "(assistant turns and their end-of-turn token, found from any template, or completions), packing is padding-free, and model.lora switches to LoRA. At the end it answers the eval "
             "prompts and, with the world's verifier, reports format, gold metrics and held-out fact retention."),
     "classify": ("posttrain.stages.classify", "fine-tune a GPT as a text classifier",
                  "Put a classification head on the hidden state of the last real token of a pretrained GPT and "
@@ -91,13 +91,14 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from posttrain.recipe import check_inputs, load_recipe
-    from posttrain.runs import AlreadyDone, is_main_process
+    from posttrain.runs import AlreadyDone, finished_with, is_main_process
 
     recipe = load_recipe(args.recipe, args.overrides, stage=name)
     check_inputs(recipe)
-    module = importlib.import_module(STAGES[name][0])
     try:
-        out = module.run(recipe, force=args.force)
+        if finished_with(recipe) and not args.force:  # before the stage's imports and models: a re-run takes a second
+            raise AlreadyDone(recipe.output_dir)
+        out = importlib.import_module(STAGES[name][0]).run(recipe, force=args.force)
     except AlreadyDone as done:
         if is_main_process():
             print(f"{done} is already done with this recipe; skipping (use --force to run it again)")
@@ -141,7 +142,13 @@ def _show_mask(args: argparse.Namespace) -> int:
     ids, mask = render(tok, rows[args.index], fmt, mode)
     color = sys.stdout.isatty() and not args.no_color
     legend = "trained tokens on green" if color else "trained tokens in [[...]]"
-    print(f"{args.split} example {args.index} ({fmt}, {mode} loss; {legend}):\n")
+    source = ""
+    if mode == "assistant_only":
+        from posttrain.models import has_generation_markers
+
+        source = ", mask from the template's generation markers" if has_generation_markers(tok.chat_template) else \
+            ", mask derived from the template (no generation markers)"
+    print(f"{args.split} example {args.index} ({fmt}, {mode} loss{source}; {legend}):\n")
     print(show(tok, ids, mask, color))
     n = sum(mask)
     print(f"\ntrained {n} of {len(ids)} tokens ({n / len(ids):.1%}), masked {len(ids) - n}"
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output directory, replaced as a whole (default: runs/compare)")
     c.add_argument("--limit", type=int, metavar="N", help="only the first N prompts (default: the suite's limit)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every model (default 0)")
+    c.add_argument("--force", action="store_true", help="redo a report that OUT already holds for the same inputs")
     c.set_defaults(func=_compare)
 
     t = sub.add_parser(
@@ -260,7 +268,7 @@ def _compare(args: argparse.Namespace) -> int:
 
         raise UserError(f"--limit {args.limit}: must be at least 1")
     compare(args.models, args.suite, reward=args.reward, ref=args.ref, out=args.out, limit=args.limit, seed=args.seed,
-            prompts=args.prompts)
+            prompts=args.prompts, force=args.force)
     return 0
 
 

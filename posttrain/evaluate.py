@@ -228,11 +228,10 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
     included when it stopped). Works from text, so any model can score any other model's answers.
     Re-tokenised text can be longer than what was generated: an answer is scored up to the end of the
     model's context, not past it."""
-    from posttrain.models import context_length, prompt_ids, right_padded_batches, stop_ids
+    from posttrain.models import context_length, prompt_ids, stop_ids
 
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     stop = stop_ids(tokenizer)[0]
     ctx = context_length(model)
     seqs = []
@@ -240,23 +239,43 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
         head = prompt_ids(tokenizer, p)
         body = tokenizer.encode(r, add_special_tokens=False) + ([stop] if s else [])
         seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
-    out = [0.0] * len(seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    for idx, ids, mask in right_padded_batches([h + x for h, x in seqs], batch_size, pad):
+    out = answer_logprobs(model, seqs, pad, batch_size)
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def answer_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> list[float]:
+    """log p(answer | head) summed over the answer's tokens, for (head ids, answer ids) pairs."""
+    from posttrain.models import right_padded_batches
+
+    device = next(model.parameters()).device
+    out = [0.0] * len(seqs)
+    for idx, ids, mask in right_padded_batches([h + x for h, x in seqs], batch_size, pad_id):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
         for row, i in enumerate(idx):
             h, x = seqs[i]
             out[i] = float(logp[row, len(h) - 1 : len(h) - 1 + len(x)].sum())
-    model.train(was_training)
     return out
 
 
+def kl_estimate(log_ratios: list[float]) -> tuple[float, float]:
+    """(KL, its standard error) from log p_policy(y|x) - log p_ref(y|x) of answers sampled from the
+    policy. Their mean is unbiased but noisy and can fall below 0 for two nearly equal models; a KL
+    is never negative, so the estimate shown is clamped at 0, with the standard error beside it."""
+    n = len(log_ratios)
+    mean = sum(log_ratios) / n
+    var = sum((x - mean) ** 2 for x in log_ratios) / (n - 1) if n > 1 else 0.0
+    return max(0.0, mean), (var / n) ** 0.5
+
+
 def policy_kl(policy, ref, tokenizer, rows: list[dict], ref_tokenizer=None, *, max_new_tokens: int = 48,
-              batch_size: int = 64, seed: int = 0) -> float:
-    """KL(policy || ref) per answer, estimated from answers sampled from the policy at temperature 1:
-    the mean of log p_policy(y|x) - log p_ref(y|x). Text-based, so the two may tokenize differently.
-    `ref=None` means a LoRA policy's own base: the policy with its adapter switched off."""
+              batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
+    """(KL(policy || ref) per answer, standard error), estimated from answers sampled from the policy at
+    temperature 1 (kl_estimate). Text-based, so the two may tokenize differently. `ref=None` means a
+    LoRA policy's own base: the policy with its adapter switched off."""
     gens = answer(policy, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0, seed=seed)
     prompts, texts, stopped = [r["prompt"] for r in rows], [g.text for g in gens], [g.stopped for g in gens]
     lp = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
@@ -265,4 +284,4 @@ def policy_kl(policy, ref, tokenizer, rows: list[dict], ref_tokenizer=None, *, m
             lq = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
     else:
         lq = sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, texts, stopped)
-    return sum(a - b for a, b in zip(lp, lq, strict=True)) / len(lp)
+    return kl_estimate([a - b for a, b in zip(lp, lq, strict=True)])

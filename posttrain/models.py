@@ -36,16 +36,29 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
+def from_pretrained(cls, path: str, what: str = "a model", **kw):
+    """`cls.from_pretrained(path, **kw)` with the usual failures as one-line errors: not a model
+    directory, or a checkpoint whose architecture is code in its own repository (auto_map) while
+    trust_remote_code is off."""
+    try:
+        return cls.from_pretrained(path, **kw)
+    except OSError as e:
+        raise UserError(f"model.path: cannot load {what} from {path} ({e.__class__.__name__}); is it a model directory "
+                        "or hub id?") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"model.path: {path} needs code from its own repository to load (auto_map); read that code, "
+                        "then set model.trust_remote_code: true if you trust it") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     require_done(path, "model.path")
     if str(path).endswith(".pt"):
         from posttrain.nanogpt import load_nanogpt
 
         return load_nanogpt(path)[1]
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"model.path: cannot load a tokenizer from {path} ({e.__class__.__name__}); is it a model directory?") from None
+    return from_pretrained(AutoTokenizer, path, "a tokenizer", trust_remote_code=trust_remote_code)
 
 
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, tokenizer=None,
@@ -61,15 +74,100 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     if is_adapter(path):
         from peft import PeftModel
 
-        base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        base_path = adapter_base(path)
+        base = from_pretrained(AutoModelForCausalLM, base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         if tokenizer is not None and base.get_input_embeddings().num_embeddings != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer))  # the adapter's run added chat tokens
         return PeftModel.from_pretrained(base, path)
+    return from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model a LoRA run's adapter was trained on; an error if that directory is gone."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path; set it to the adapter's base model")
+    # a Hub id is "org/name"; anything else (absolute, ./, or deeper paths such as runs/world/base) is a folder
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
+    if looks_local and not Path(base).expanduser().exists():
+        raise UserError(f"model.path: {path} is a LoRA adapter over {base}, which no longer exists; restore it, or "
+                        f"set base_model_name_or_path in {path}/adapter_config.json to where it is now")
+    return base
+
+
+def load_start_model(path: str, dtype: str = "auto", trust_remote_code: bool = False, tokenizer=None):
+    """The model a stage starts from, as one plain causal LM: a LoRA run is loaded as its base with the
+    adapter merged in, so a new adapter (or full fine-tuning) goes on top of the merged weights."""
+    model = load_causal_lm(path, dtype, trust_remote_code, tokenizer=tokenizer)
+    if is_adapter(path):
+        model = model.merge_and_unload()
+    check_vocab(model, tokenizer, path)
+    return model
+
+
+def check_vocab(model, tokenizer, path) -> None:
+    """A tokenizer with ids beyond the model's embedding rows would index past the table (or be silently
+    resized into): refuse it."""
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserError(f"model.path: {path}'s tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
+                        f"{rows} rows; use the tokenizer saved with these weights")
+
+
+def sequence_classifier(path: str, dtype: str, trust_remote_code: bool, tokenizer, **head):
+    """An AutoModelForSequenceClassification (a new head, seeded by the caller) on the weights at `path`.
+    A LoRA run is merged into its base first (into a temporary directory), so classify and reward
+    start from a LoRA SFT run as they do from a full one."""
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification
+
+    require_done(path, "model.path")
+    kw = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **head)
+    if not is_adapter(path):
+        model = from_pretrained(AutoModelForSequenceClassification, path, **kw)
+    else:
+        with tempfile.TemporaryDirectory(prefix="posttrain-merged-") as tmp:
+            load_start_model(path, "float32", trust_remote_code, tokenizer).save_pretrained(tmp)
+            model = from_pretrained(AutoModelForSequenceClassification, tmp, **kw)
+    if tokenizer is not None:
+        check_vocab(model, tokenizer, path)
+        # the HF head needs some pad id to run a batch; which one does not matter: posttrain reads the
+        # head at the last real token from the attention mask (last_token_logits)
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
+def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-classification model's head read at each row's last real token, located by the
+    attention mask (right or left padding). The HF classes locate it by searching for the pad id,
+    which goes wrong when pad == eos and a text ends with its end token (every chat answer): they
+    would read the token before it. The forward runs through `model` itself (DDP and peft wrappers
+    included, so gradients synchronise); a hook keeps the body's hidden states, and the head is
+    applied to them exactly as the HF forward does (all positions, then one picked)."""
+    net = _unwrap(model)
+    body = getattr(net, net.base_model_prefix)
+    kept = {}
+
+    def keep(_module, _args, out):
+        kept["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    handle = body.register_forward_hook(keep)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"model.path: cannot load a model from {path} ({e.__class__.__name__}); is it a model directory or hub id?") from None
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    logits = net.score(kept["h"])
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+    return logits[torch.arange(len(input_ids), device=logits.device), last.to(logits.device)]
 
 
 def context_length(model) -> int | None:
@@ -133,14 +231,52 @@ def attach_chat_template(model, tokenizer, template_path: str) -> list[int]:
     return added
 
 
+_EOT_CACHE: dict[tuple[str, frozenset], str | None] = {}
+_PROBE = "Zq7 probe answer"
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, </s> ...), read off the template itself: a probe answer is rendered and
+    the first special token after it is the one. None without a template or without such a token."""
+    template = tokenizer.chat_template
+    if not template:
+        return None
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+    key = (template, frozenset(specials))
+    if key not in _EOT_CACHE:
+        from posttrain.render import render_text
+
+        text = render_text(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
+        after = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
+        found = [(after.find(t), t) for t in specials if t and t in after]
+        _EOT_CACHE[key] = min(found)[1] if found else None
+    return _EOT_CACHE[key]
+
+
 def stop_ids(tokenizer) -> list[int]:
-    """Tokens that end an answer: the EOS (for a chat model, its end-of-turn token) and the
-    end-of-text token if it differs."""
+    """Tokens that end an answer: the EOS, the template's end-of-turn token where it differs (a stock
+    template that ends turns with <|im_end|> while the EOS is <|endoftext|>), and the end-of-text
+    token."""
     ids = [tokenizer.eos_token_id]
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else None
-    if eot is not None and eot not in ids:
-        ids.append(eot)
+    for token in (end_of_turn(tokenizer), "<|endoftext|>"):
+        if token is not None and token in tokenizer.get_vocab():
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid not in ids:
+                ids.append(tid)
     return [i for i in ids if i is not None]
+
+
+def use_own_template(model, tokenizer) -> None:
+    """Prepare a model that keeps the chat template its tokenizer ships with: nothing is added or
+    resized; with no pad token the EOS pads (every length comes from attention masks), and
+    generation stops at the template's end-of-turn token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = stop_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:

@@ -37,8 +37,12 @@ def load_train_eval(data, eval_split: float | None, seed: int,
     if not 0 < n < len(order):
         raise UserError(f"{key}: {eval_split} of {len(order)} records in {data.train} leaves no "
                         f"{'eval' if n == 0 else 'training'} record; change the fraction")
-    held, kept = table.select(sorted(order[:n])), table.select(sorted(order[n:]))
-    print(f"note: held out {n} of {len(order)} records of {data.train} as eval pairs (seed {seed})")
+    # With data.limit (a quick try) the eval pairs shrink in proportion: the first of the same held-out
+    # records, so the split still never overlaps another stage's training records.
+    n_eval = n if data.limit is None else max(1, min(n, round(data.limit * eval_split / (1 - eval_split))))
+    held, kept = table.select(sorted(order[:n][:n_eval])), table.select(sorted(order[n:]))
+    print(f"note: held out {n} of {len(order)} records of {data.train}, {n_eval} of them as eval pairs (seed {seed})"
+          if n_eval < n else f"note: held out {n} of {len(order)} records of {data.train} as eval pairs (seed {seed})")
     return pairs_from_table(kept.head(data.limit)), pairs_from_table(held)
 
 
@@ -160,18 +164,19 @@ class RewardScorer:
     def __init__(self, model, tok, batch_size: int = 64):
         if model.config.num_labels != 1:
             raise UserError(f"not a reward model: it has {model.config.num_labels} labels, a reward model has 1")
-        if tok.pad_token_id is None:
-            raise UserError("the reward model's tokenizer has no pad token, so its scores would depend on padding")
         self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
+        # any id will do for padding: the score is read at the last real token, by the attention mask
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | None = None) -> RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from posttrain.models import torch_dtype
         from posttrain.runs import require_done
 
         require_done(path, "reward model")
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype("auto"))
         return cls(model.to(device) if device is not None else model, AutoTokenizer.from_pretrained(path))
 
     def ids(self, prompt, answer: str) -> list[int]:
@@ -183,13 +188,13 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
-        """Scores of token sequences, right-padded with the pad token; the model reads the last real token."""
-        from posttrain.models import right_padded_batches
+        """Scores of token sequences, right-padded, each read at its last real token."""
+        from posttrain.models import last_token_logits, right_padded_batches
 
         out = [0.0] * len(seqs)
         device = next(self.model.parameters()).device
-        for idx, ids, mask in right_padded_batches(seqs, self.batch_size, self.tok.pad_token_id):
-            scores = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+        for idx, ids, mask in right_padded_batches(seqs, self.batch_size, self.pad_id):
+            scores = last_token_logits(self.model, ids.to(device), mask.to(device))[:, 0].float().tolist()
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s
         return out

@@ -3,16 +3,22 @@
 This is the single place that decides which tokens SFT trains on; `posttrain show-mask` prints
 exactly what this returns, so what you see is what the trainer gets.
 
-- messages, assistant-only loss: the chat template's {% generation %} blocks (the assistant's
-  content and its end-of-turn token), nothing of system or user turns.
+- messages, assistant-only loss: the assistant's content and its end-of-turn token, nothing of
+  system or user turns. With {% generation %} markers in the template, the marked blocks; without
+  them (nearly every stock template), the template itself says where each answer starts: the
+  conversation up to that turn, rendered with a generation prompt, is a prefix of the whole
+  conversation, and the answer runs from there to the template's end-of-turn token. Both give the
+  same mask where markers exist (tested on the world's SFT set).
 - prompt/completion, completion-only loss: the tokens after the prompt, plus the end token.
 - text, or loss "all": every token.
 """
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from posttrain.errors import UserError
-from posttrain.models import has_generation_markers
+from posttrain.models import end_of_turn, has_generation_markers
 
 LOSS_MODES = ("assistant_only", "completion_only", "all")
 
@@ -25,11 +31,9 @@ def check_loss_mode(fmt: str, mode: str, tokenizer) -> None:
     if mode == "assistant_only":
         if fmt != "messages":
             raise UserError(f"sft.loss: assistant_only needs chat data (messages), not {fmt}; use completion_only or all")
-        if not tokenizer.chat_template or not has_generation_markers(tokenizer.chat_template):
-            raise UserError(
-                "model.chat_template: assistant-only loss needs a template with {% generation %} markers around the "
-                "assistant's turn (see data_templates/chatml.jinja), or set sft.loss: all"
-            )
+        if not tokenizer.chat_template:
+            raise UserError("model.chat_template: assistant-only loss needs a chat template and the model has none; "
+                            "name one, e.g. data_templates/chatml.jinja")
     if mode == "completion_only" and fmt != "prompt_completion":
         raise UserError(f"sft.loss: completion_only needs prompt/completion data, not {fmt}; use all")
 
@@ -38,9 +42,11 @@ def render(tokenizer, row: dict, fmt: str, mode: str) -> tuple[list[int], list[i
     """(token ids, mask) for one example; mask[i] == 1 means token i is trained."""
     if fmt == "messages":
         if mode == "assistant_only":
-            out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
-            return list(out["input_ids"]), list(out["assistant_masks"])
+            if has_generation_markers(tokenizer.chat_template):
+                out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)
+                return list(out["input_ids"]), list(out["assistant_masks"])
+            return template_mask(tokenizer, row["messages"])
         ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
         return list(ids), [1] * len(ids)
     if fmt == "prompt_completion":
@@ -58,6 +64,52 @@ def render(tokenizer, row: dict, fmt: str, mode: str) -> tuple[list[int], list[i
         return list(ids), mask
     ids = tokenizer.encode(row["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
     return ids, [1] * len(ids)
+
+
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`; a template that fails to render is a recipe error."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise UserError(f"model.chat_template: the template fails on this conversation ({e}); fix the template "
+                        "or the data") from None
+
+
+def template_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(token ids, mask) of a conversation from a template without markers: each assistant answer is the
+    text between the rendering of the conversation before it (with a generation prompt) and the
+    template's end-of-turn token, which is trained too. Tokens are marked by character offsets, as HF
+    marks {% generation %} blocks, so a token that straddles the boundary is trained."""
+    if not tokenizer.is_fast:
+        raise UserError("model.path: deriving the assistant mask needs a fast tokenizer (tokenizer.json); "
+                        "use one, or a template with {% generation %} markers")
+    text = render_text(tokenizer, messages)
+    eot = end_of_turn(tokenizer)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = render_text(tokenizer, messages[:i], add_generation_prompt=True)
+        if not text.startswith(head):
+            raise UserError(f"model.chat_template: rendered up to assistant turn {len(spans) + 1} (message {i + 1}), the "
+                            "template's text is not the start of the whole conversation's (it rewrites earlier "
+                            "turns, e.g. drops reasoning or adds a date), so the answer cannot be located; use a "
+                            "template with {% generation %} markers (data_templates/chatml.jinja) or sft.loss: all")
+        start = len(head)
+        end = text.find(eot, start) if eot else -1
+        if end >= 0:
+            end += len(eot)
+        else:  # no end-of-turn token: the answer is what rendering this turn adds
+            turn = render_text(tokenizer, messages[: i + 1])
+            if not text.startswith(turn):
+                raise UserError(f"model.chat_template: assistant turn {len(spans) + 1} (message {i + 1}) renders "
+                                "differently inside the whole conversation and the template has no end-of-turn "
+                                "token to find its end; use a template with {% generation %} markers")
+            end = len(turn)
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
 
 
 def show(tokenizer, ids: list[int], mask: list[int], color: bool) -> str:

@@ -189,7 +189,7 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
             seed: int = 0) -> Result:
     """Answer every prompt (greedy, then `suite.samples` sampled rounds) and score the answers.
     `ref` is (reference model, its tokenizer) for KL, or None; the reference itself gets KL 0."""
-    from posttrain.evaluate import answer, distinct_n, gold_metrics, sequence_logprobs
+    from posttrain.evaluate import answer, distinct_n, gold_metrics, kl_estimate, sequence_logprobs
 
     kw = {"max_new_tokens": suite.max_new_tokens, "batch_size": suite.batch_size}
     greedy = answer(model, tok, rows, **kw)
@@ -229,7 +229,7 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
                 lp = sequence_logprobs(model, tok, *args, batch_size=suite.batch_size)
                 lq = sequence_logprobs(ref_model, ref_tok, *args, batch_size=suite.batch_size)
                 diffs += [a - b for a, b in zip(lp, lq, strict=True)]
-            m["kl_to_ref"] = _mean(diffs)
+            m["kl_to_ref"] = kl_estimate(diffs)[0]
     result.metrics = {k: v for k, v in m.items() if KEYS[k][0] in suite.metrics}
     return result
 
@@ -303,8 +303,11 @@ def gold_curves(runs: dict[str, list[dict]], path: Path) -> Path | None:
 
 
 def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: str | None = None, ref: str | None = None,
-            out: str = "runs/compare", limit: int | None = None, seed: int = 0, prompts: str | None = None) -> Path:
-    """The `posttrain compare` command: check every input, answer and score with each model, write OUT."""
+            out: str = "runs/compare", limit: int | None = None, seed: int = 0, prompts: str | None = None,
+            force: bool = False) -> Path:
+    """The `posttrain compare` command: check every input, answer and score with each model, write OUT.
+    A report made from the same inputs (the same models, unchanged since, the same suite and options)
+    is kept as it is unless `force`."""
     models = parse_models(specs)
     suite = load_suite(suite_path)
     suite = suite.model_copy(update={k: v for k, v in {"limit": limit, "prompts": prompts}.items() if v is not None})
@@ -319,6 +322,15 @@ def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: st
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.md").exists():
         raise UserError(f"--out {out}: exists and does not hold a compare report; choose another directory")
+
+    inputs = {"models": {n: [str(p), _version(p)] for n, p in models.items()}, "suite": suite.model_dump(mode="json"),
+              "prompts_file": _version(Path(suite.prompts)), "reward": [reward, _version(Path(reward)) if reward else None],
+              "ref": ref, "seed": seed}
+    done = not force and (out_dir / "DONE").exists() and (out_dir / "metrics.json").exists()
+    if done and json.loads((out_dir / "metrics.json").read_text()).get("inputs") == inputs:
+        print(f"compare: {out_dir} already holds this comparison (same models, suite and options); skipping "
+              "(use --force to redo it)")
+        return out_dir
 
     # Inputs are all checked; only now the heavy imports, so mistakes are reported at once.
     from posttrain.models import context_length, device, load_causal_lm, load_tokenizer, prompt_ids
@@ -365,7 +377,7 @@ def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: st
         "ref": ref if "kl" in suite.metrics else None, "reward": reward, "models": info,
         "metrics": {r.name: r.metrics for r in ordered},
         "win_rates": {k: win_rates(ordered, k) for k in ("gold", "reward") if k in suite.metrics and getattr(ordered[0], k)},
-        "notes": notes, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "notes": notes, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "inputs": inputs,
     }
     report["examples"] = [
         {"prompt": _text(rows[i]["prompt"]), "kind": rows[i].get("kind"),
@@ -377,6 +389,17 @@ def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: st
     print_tables(report)
     print(f"compare done: {out_dir}/report.html (also report.md, metrics.json, answers.jsonl, plots/)")
     return out_dir
+
+
+def _version(path: Path) -> str | None:
+    """What identifies the state of a model directory or file: a run's DONE stamp, else the newest
+    modification time of its files."""
+    path = Path(path)
+    if (path / "DONE").is_file():
+        return f"{(path / 'DONE').read_text().strip()} {(path / 'DONE').stat().st_mtime_ns}"
+    if path.is_file():
+        return str(path.stat().st_mtime_ns)
+    return str(max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=0)) if path.is_dir() else None
 
 
 def _text(prompt) -> str:

@@ -57,6 +57,14 @@ class AlreadyDone(Exception):
     """The output directory already holds a finished run of this exact recipe."""
 
 
+def finished_with(recipe: Recipe) -> bool:
+    """Whether recipe.output_dir holds a finished run of this exact recipe: the stage has nothing to
+    do. Cheap (two small files), so the CLI asks before importing a stage or loading any model."""
+    out = Path(recipe.output_dir)
+    saved = out / "recipe.yaml"
+    return (out / "DONE").exists() and saved.exists() and _same_recipe(saved.read_text(), recipe_yaml(recipe))
+
+
 class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -78,7 +86,7 @@ class Run:
         text = recipe_yaml(self.recipe)
         saved = self.dir / "recipe.yaml"
         if (self.dir / "DONE").exists() and not force:
-            if saved.exists() and _same_recipe(saved.read_text(), text):
+            if finished_with(self.recipe):
                 raise AlreadyDone(str(self.dir))
             raise UserError(
                 f"{self.dir} holds a finished run of a different recipe; pass --force to replace it or set another output_dir"

@@ -159,3 +159,16 @@ def test_a_ppo_run_gets_its_proxy_vs_gold_curve(tmp_path, tiny_sft):
     assert list(rep["ppo"]) == ["ppo"] and rep["ppo"]["ppo"]["reward_hacking"] is True
     assert (out / "plots" / "ppo_ppo.png").exists()
     assert "reward hacking flagged** at iteration 6" in (out / "report.md").read_text()
+
+
+def test_the_same_comparison_again_is_skipped_until_a_model_changes(world_report, tiny_base, tiny_sft, tiny_reward,
+                                                                     small_world, tmp_path):
+    out, _ = world_report
+    suite = out.parent / "world.yaml"
+    args = ("compare", f"base={tiny_base}", f"sft={tiny_sft}", "--suite", str(suite), "--reward", str(tiny_reward),
+            "--out", str(out))
+    stamp = (out / "DONE").read_text()
+    again = cli(*args, check=True)
+    assert "already holds this comparison" in again.stdout and (out / "DONE").read_text() == stamp
+    other = cli(*args[:-1], str(tmp_path / "r2"), "--limit", "4", check=True)  # other options: measured anew
+    assert "already holds" not in other.stdout and (tmp_path / "r2" / "DONE").exists()

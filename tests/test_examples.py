@@ -88,10 +88,15 @@ def test_eval_split_rules(tmp_path):
                                         "dpo: {eval_split: 0.2}\noutput_dir: out\n")
     with pytest.raises(UserError, match="dpo.eval_split: data.eval is given too"):
         load_recipe(recipe)
+    full = load_recipe(recipe, ["data.eval=null"]).data
+    (_, _), (held_all, _) = load_train_eval(full, 0.2, seed=0)
     data = load_recipe(recipe, ["data.eval=null", "data.limit=3"]).data
     (train, _), (held, _) = load_train_eval(data, 0.2, seed=0)
-    assert len(held) == 2 and len(train) == 3  # the limit applies to what is left after the split
-    assert not {p["prompt"] for p in held} & {p["prompt"] for p in train}
+    # the limit applies to what is left after the split, and the eval pairs shrink in proportion (3 x 0.2 / 0.8),
+    # taken from the same held-out records
+    assert len(held_all) == 2 and len(held) == 1 and len(train) == 3
+    assert {p["prompt"] for p in held} < {p["prompt"] for p in held_all}
+    assert not {p["prompt"] for p in held_all} & {p["prompt"] for p in train}
     with pytest.raises(UserError, match="reward.eval_split: 0.01 of 10 records .* leaves no eval record"):
         load_train_eval(data, 0.01, seed=0, key="reward.eval_split")
 

@@ -150,7 +150,7 @@ def test_show_mask_prints_brackets_and_counts(tmp_path, small_world, tiny_base):
     assert "trained" in proc.stdout and "masked" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["no_assistant", "unknown_role", "no_markers", "all_too_long", "context"])
+@pytest.mark.parametrize("case", ["no_assistant", "unknown_role", "unmaskable", "all_too_long", "context"])
 def test_bad_sft_input_is_one_line_exit_2(tmp_path, small_world, tiny_base, case):
     good = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     rows, template, extra = [{"messages": good}] * 3, CHATML, "\n  max_length: 128"
@@ -158,9 +158,10 @@ def test_bad_sft_input_is_one_line_exit_2(tmp_path, small_world, tiny_base, case
         rows = [{"messages": good}, {"messages": good[:1]}]
     elif case == "unknown_role":
         rows = [{"messages": good + [{"role": "robot", "content": "beep"}]}]
-    elif case == "no_markers":
-        template = str(write(tmp_path / "plain.jinja", (ROOT / "data_templates" / "chatml.jinja").read_text()
-                             .replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")))
+    elif case == "unmaskable":  # no markers, and the last message is rendered differently from the others
+        template = str(write(tmp_path / "plain.jinja", "{#- stop: <|im_end|> -#}{% for m in messages %}{{ '<|im_start|>' + "
+                             "m['role'] + '\\n' + m['content'] }}{% if loop.last %} (latest){% endif %}{{ '<|im_end|>\\n' }}"
+                             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
     elif case == "all_too_long":
         rows = [{"messages": [good[0], {"role": "assistant", "content": "word " * 200}]}] * 2
     elif case == "context":
@@ -177,7 +178,7 @@ output_dir: {tmp_path / 'out'}
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     expected = {"no_assistant": "d.jsonl:2: chat has no assistant turn", "unknown_role": "unknown role 'robot'",
-                "no_markers": "{% generation %}", "all_too_long": "no example left to train on",
+                "unmaskable": "the answer cannot be located", "all_too_long": "no example left to train on",
                 "context": "longer than the model's context"}[case]
     assert expected in proc.stderr
     assert not (tmp_path / "out" / "DONE").exists()

@@ -10,7 +10,9 @@ Reports: accuracy, macro-F1, per-class precision/recall, the confusion matrix, a
         the untrained head for reference.
 
 A linear head reads the hidden state of the last real token, the only position that has seen the
-whole text in a causal model. Padding uses a dedicated pad token, so that position is never padding.
+whole text in a causal model; that position comes from the attention mask (models.last_token_logits),
+so a tokenizer that pads with its end token (or has no pad token) needs nothing added. A LoRA run as
+model.path is merged into its base first.
 `trainable` picks what learns: head (a linear probe), last_blocks:N (plus the top N blocks), lora, all.
 `group_by_length` batches texts of similar length (the shuffled data is cut into groups of up to 50
 batches and each group sorted by length): far less padding when lengths vary a lot, at the price of
@@ -25,12 +27,12 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.metrics import classification_report, confusion_matrix
-from posttrain.models import check_max_length, is_adapter, load_tokenizer, lora_config
+from posttrain.models import check_max_length, last_token_logits, load_tokenizer, lora_config, sequence_classifier
 from posttrain.plots import confusion, curves
 from posttrain.recipe import ClassifyRecipe, LoraConfig
 from posttrain.runs import Run, model_card, print_summary
@@ -47,12 +49,16 @@ def load_splits(recipe: ClassifyRecipe) -> dict[str, datalib.Table]:
               "test": datalib.load(c.test, recipe.data.columns) if c.test else None}
     order = list(range(len(train)))
     random.Random(recipe.seed).shuffle(order)
+    limit = recipe.data.limit
     for name, fraction in (("test", c.split.test), ("val", c.split.val)):
         if splits[name] is None:
             n = round(len(order) * fraction)
             if n == 0:
                 raise UserError(f"classify.split.{name}: no {name} file and a split of 0; give one or the other")
-            splits[name], order = train.select(sorted(order[:n])), order[n:]
+            # With data.limit (a quick try), the carved split shrinks in proportion, taken from the same
+            # held-out records; the rest of those records stay out of training all the same.
+            keep = n if limit is None else max(1, min(n, round(limit * fraction / max(1e-9, 1 - c.split.test - c.split.val))))
+            splits[name], order = train.select(sorted(order[:keep])), order[n:]
         else:
             datalib.validate(splits[name], "classification", names)
     splits["train"] = train.select(sorted(order)).head(recipe.data.limit)
@@ -96,17 +102,25 @@ def untrained_accuracy(model, tok, ds: Dataset, batch_size: int = 64) -> float:
     for i in range(0, len(ds), batch_size):
         batch = collate(ds.select(range(i, min(i + batch_size, len(ds)))).to_list())
         labels = batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        logits = last_token_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         hits += int((logits.argmax(-1).cpu() == labels).sum())
     model.train(was)
     return hits / len(ds)
 
 
+class LastTokenTrainer(Trainer):
+    """The Trainer with the head read at the last real token by the attention mask (the HF head searches
+    for the pad id) and a plain mean cross-entropy over this process's batch, which is what the HF
+    head computes too."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = last_token_logits(model, inputs["input_ids"], inputs["attention_mask"])
+        loss = torch.nn.functional.cross_entropy(logits.float(), inputs["labels"])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
 def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
     c = recipe.classify
-    if is_adapter(recipe.model.path):
-        raise UserError(f"model.path: {recipe.model.path} is a LoRA adapter; run `posttrain merge {recipe.model.path}` "
-                        "and point model.path at its merged/ directory")
     splits = load_splits(recipe)
     labels = sorted({str(r[c.label_column]) for r in splits["train"]})
     if len(labels) < 2:
@@ -120,15 +134,11 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
                                 f"(labels: {', '.join(labels)}); fix the label or add training examples")
 
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": "<|pad|>"})  # pooling must never land on a real token
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # harmless: the head reads the last real token by the attention mask
     torch.manual_seed(recipe.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.model.path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id,
-        trust_remote_code=recipe.model.trust_remote_code)
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.config.pad_token_id = tok.pad_token_id
+    model = sequence_classifier(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tok,
+                                num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label2id)
     check_max_length(model, recipe.data.max_length)
     model = make_trainable(model, c.trainable, recipe.model.lora)
 
@@ -150,14 +160,13 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
                                               per_device_eval_batch_size=64,
                                               train_sampling_strategy="group_by_length" if c.group_by_length else "random"))
     trainer = build_trainer(
-        Trainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        LastTokenTrainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorWithPadding(tok), processing_class=tok,
         compute_metrics=lambda p: classification_report(p.label_ids.tolist(), p.predictions.argmax(-1).tolist(), labels),
     )
-    # GPT-2's (and most) classification heads take **kwargs but compute a plain mean loss, ignoring the
-    # num_items_in_batch the Trainer passes; the Trainer would still treat that loss as a global sum
-    # and multiply it by the number of processes (and skip dividing by train.grad_accum)
-    # (transformers/trainer.py compute_loss, training_step). A per-process mean is what it is.
+    # LastTokenTrainer's loss is a plain per-process mean; told that the model accepts loss kwargs, the
+    # Trainer would treat it as a global sum and multiply it by the number of processes (and skip
+    # dividing by train.grad_accum) (transformers/trainer.py compute_loss, training_step).
     trainer.model_accepts_loss_kwargs = False
     before = untrained_accuracy(trainer.model, tok, test_ds) if run_.main else None
     train_metrics = fit(trainer, run_)

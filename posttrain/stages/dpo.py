@@ -21,8 +21,9 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from posttrain.evaluate import evaluate_prompts, policy_kl
-from posttrain.models import check_max_length, expose_head_bias, load_causal_lm, load_tokenizer, lora_config
+from posttrain.evaluate import answer_logprobs, evaluate_prompts, policy_kl
+from posttrain.metrics import pairwise
+from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
 from posttrain.plots import curves
 from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
@@ -34,6 +35,19 @@ def _dataset(pairs: list[dict], kept: list) -> Dataset:
     return Dataset.from_list([{k: pairs[i][k] for k in ("prompt", "chosen", "rejected")} for *_, i in kept])
 
 
+def logprob_preference(model, tok, kept: list) -> dict:
+    """How often the model itself gives the chosen answer a higher log-probability than the rejected one
+    (summed over answer tokens), and the mean difference, on (prompt, chosen, rejected) token ids."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    was = model.training
+    model.eval()
+    chosen = answer_logprobs(model, [(p, c) for p, c, _, _ in kept], pad)
+    rejected = answer_logprobs(model, [(p, r) for p, _, r, _ in kept], pad)
+    model.train(was)
+    m = pairwise(chosen, rejected)
+    return {"logprob_accuracy": m["accuracy"], "logprob_margin": m["mean_margin"]}
+
+
 def run(recipe: DpoRecipe, force: bool = False) -> Path:
     (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.dpo.eval_split, recipe.seed,
                                                                       "dpo.eval_split")
@@ -41,16 +55,12 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
     n, over = recipe.data.max_length, recipe.dpo.overlong
     train_kept, len_stats = fit_length(tok, train_pairs, n, over, "train")
     eval_kept, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
-    model = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # start from the merged weights; a new adapter (or full tuning) goes on top
+    model = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
     check_max_length(model, n)
     # A frozen copy is the reference only for full fine-tuning without precomputed log-probs.
     ref = None
     if not recipe.model.lora and not recipe.dpo.precompute_ref:
-        ref = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
-        if hasattr(ref, "merge_and_unload"):
-            ref = ref.merge_and_unload()
+        ref = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
 
     run_ = Run(recipe).start(force)
     summary: dict = {**{f"train_{k}": v for k, v in counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()},
@@ -59,6 +69,10 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
                      "lora": recipe.model.lora is not None, "reference": "adapter disabled" if recipe.model.lora
                      else "precomputed log-probs" if recipe.dpo.precompute_ref else "frozen copy"}
     before = {}
+    # DPO's implicit-reward accuracy is 0 before training (policy == reference), so the figure that
+    # shows what DPO changed is the policy's own ranking: log p(chosen) > log p(rejected)?
+    if eval_kept and run_.main:
+        summary.update({f"eval_{k}_before": v for k, v in logprob_preference(model, tok, eval_kept).items()})
     if recipe.eval.prompts and run_.main:
         print("reference model (before DPO) on the eval prompts:")
         before = evaluate_prompts(model, tok, recipe.eval, run_.dir).metrics
@@ -90,6 +104,7 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
         summary["eval_reward_margin"] = ev.get("eval_rewards/margins")
         summary["eval_loss"] = ev.get("eval_loss")
         run_.log(trainer.state.global_step, {"eval_preference_accuracy": summary["eval_preference_accuracy"]})
+        summary.update({f"eval_{k}": v for k, v in logprob_preference(policy, tok, eval_kept).items()})
     if recipe.eval.prompts:
         print("DPO model on the eval prompts:")
         result = evaluate_prompts(policy, tok, recipe.eval, run_.dir)
@@ -101,10 +116,10 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
                 summary[f"delta_{k}"] = after[k] - before[k]
         reference = ref  # None with LoRA: the policy with its adapter off
         if ref is None and not recipe.model.lora:  # precomputed log-probs: reload the starting model for this
-            reference = load_causal_lm(recipe.model.path, "float32", tokenizer=tok)
-            reference = reference.merge_and_unload() if hasattr(reference, "merge_and_unload") else reference
-        summary["kl_to_ref"] = policy_kl(policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens,
-                                         batch_size=recipe.eval.batch_size, seed=recipe.seed)
+            reference = load_start_model(recipe.model.path, "float32", tokenizer=tok)
+        summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(
+            policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
+            seed=recipe.seed)
 
     trainer.save_model(str(run_.dir))
     tok.save_pretrained(str(run_.dir))

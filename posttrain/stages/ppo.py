@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.evaluate import answer, evaluate_prompts, gold_metrics, policy_kl
-from posttrain.models import check_max_length, load_causal_lm, load_tokenizer, lora_config, prompt_ids, stop_ids
+from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config, prompt_ids, stop_ids
 from posttrain.plots import curves
 from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer, detect_reward_hacking
 from posttrain.preference import RewardScorer
@@ -95,9 +95,7 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
     if len(rows) < p.rollout_batch_size * accelerator.num_processes:
         raise UserError(f"data.train: {len(rows)} prompts, fewer than one rollout batch "
                         f"({p.rollout_batch_size} x {accelerator.num_processes} processes)")
-    policy = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
-    if hasattr(policy, "merge_and_unload"):
-        policy = policy.merge_and_unload()
+    policy = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
     check_max_length(policy, recipe.data.max_length)
     ref = None
     if recipe.model.lora:
@@ -105,8 +103,7 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
 
         policy = get_peft_model(policy, lora_config(recipe.model.lora, "CAUSAL_LM"))
     else:
-        ref = load_causal_lm(recipe.model.path, recipe.model.dtype, tokenizer=tok)
-        ref = ref.merge_and_unload() if hasattr(ref, "merge_and_unload") else ref
+        ref = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
 
     scorer = RewardScorer.load(p.reward_model, accelerator.device) if p.reward_model else None
     verifier = None
@@ -197,7 +194,7 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
         if scorer is not None:
             raw = scorer.score([r["prompt"] for r in result.rows], [g.text for g in result.gens])
             summary["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
-        summary["kl_to_ref"] = policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)
+        summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)
 
     policy.save_pretrained(str(run_.dir))
     tok.save_pretrained(str(run_.dir))

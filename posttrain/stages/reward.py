@@ -11,26 +11,35 @@ Writes: a sequence-classification model with one output (the reward), loadable w
 Reports: held-out pairwise accuracy and mean margin, pairs skipped or cut, and on the world how
         often the reward model ranks two fresh answers of the policy the way the gold verifier does.
 
-The score is read at the last real token of prompt + answer. Padding uses a dedicated pad token,
-so a padded batch scores a text exactly as it scores alone (GPT-2's pad = EOS habit is the classic
-cause of reward models stuck near chance).
+The score is read at the last real token of prompt + answer, located by the attention mask
+(models.last_token_logits), so a padded batch scores a text exactly as it scores alone, and a
+tokenizer whose pad token is its end token (Llama, Qwen, Mistral, GPT-2) needs nothing added: the
+end-of-turn token that closes every answer is where the score is read. A LoRA run as model.path is
+merged into its base first.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from posttrain import data as datalib
-from posttrain.errors import UserError
 from posttrain.evaluate import answer
 from posttrain.metrics import agreement, pairwise
-from posttrain.models import add_blocks, check_max_length, is_adapter, load_causal_lm, load_tokenizer, lora_config
+from posttrain.models import (
+    add_blocks,
+    check_max_length,
+    last_token_logits,
+    load_start_model,
+    load_tokenizer,
+    lora_config,
+    sequence_classifier,
+)
 from posttrain.plots import curves, histogram
 from posttrain.preference import RewardScorer, fit_length, load_train_eval
 from posttrain.recipe import RewardRecipe
@@ -46,7 +55,7 @@ def gold_agreement(recipe: RewardRecipe, scorer: RewardScorer) -> dict:
     rows = datalib.load(recipe.eval.prompts, limit=recipe.reward.gold_pairs).rows
     policy_path = recipe.reward.policy or recipe.model.path
     tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, dtype="float32", tokenizer=tok)
+    policy = load_start_model(policy_path, dtype="float32", tokenizer=tok)
     kw = dict(max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, temperature=1.0)
     a = answer(policy, tok, rows, seed=recipe.seed, **kw)
     b = answer(policy, tok, rows, seed=recipe.seed + 1, **kw)
@@ -60,16 +69,23 @@ def gold_agreement(recipe: RewardRecipe, scorer: RewardScorer) -> dict:
     return {"gold_agreement": agreement(rm, gold, pairs), "gold_pairs_sampled": n, "gold_pairs_decided": decided}
 
 
+class LastTokenRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with the score read at the last real token by the attention mask (TRL reads
+    the HF head, which searches for the pad id)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        def scored(input_ids, attention_mask, **_):
+            return SimpleNamespace(logits=last_token_logits(model, input_ids, attention_mask))
+
+        return super().compute_loss(scored, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
 def run(recipe: RewardRecipe, force: bool = False) -> Path:
-    if is_adapter(recipe.model.path):
-        raise UserError(f"model.path: {recipe.model.path} is a LoRA adapter; run `posttrain merge {recipe.model.path}` "
-                        "and start the reward model from its merged/ directory")
     (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.reward.eval_split, recipe.seed,
                                                                       "reward.eval_split")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        raise UserError(f"model.path: {recipe.model.path}'s tokenizer pads with its end token, so scores would depend "
-                        "on padding; start from an SFT run (it adds a dedicated pad token)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # harmless: the score is read by the attention mask
     n, over = recipe.data.max_length, recipe.reward.overlong
     train_ids, len_stats = fit_length(tok, train_pairs, n, over, "train")
     eval_ids, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
@@ -78,9 +94,7 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
         return Dataset.from_dict({"chosen_ids": [p + c for p, c, _, _ in ids], "rejected_ids": [p + r for p, _, r, _ in ids]})
 
     torch.manual_seed(recipe.seed)  # the new score head's initialisation
-    model = AutoModelForSequenceClassification.from_pretrained(recipe.model.path, num_labels=1,
-                                                               trust_remote_code=recipe.model.trust_remote_code)
-    model.config.pad_token_id = tok.pad_token_id
+    model = sequence_classifier(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tok, num_labels=1)
     add_blocks(model, recipe.reward.extra_layers)
     check_max_length(model, n)
 
@@ -88,9 +102,14 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
     args = RewardConfig(**trainer_kwargs(recipe, run_, max_length=None, disable_dropout=True,
                                          center_rewards_coefficient=recipe.reward.center_rewards))
     peft_config = lora_config(recipe.model.lora, "SEQ_CLS") if recipe.model.lora else None
-    trainer = build_trainer(RewardTrainer, run_, model=model, args=args, train_dataset=dataset(train_ids),
+    trainer = build_trainer(LastTokenRewardTrainer, run_, model=model, args=args, train_dataset=dataset(train_ids),
                             eval_dataset=dataset(eval_ids) if eval_ids else None, processing_class=tok,
                             peft_config=peft_config)
+    before = {}
+    if eval_ids and run_.main:  # the untrained head, for reference (no RNG is drawn: the training is unchanged)
+        untrained = RewardScorer(trainer.model, tok)
+        before = pairwise(untrained.score_ids([p + c for p, c, _, _ in eval_ids]),
+                          untrained.score_ids([p + r for p, _, r, _ in eval_ids]))
     train_metrics = fit(trainer, run_)
     if not run_.main:
         return run_.dir
@@ -108,6 +127,7 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
         chosen = scorer.score_ids([p + c for p, c, _, _ in eval_ids])
         rejected = scorer.score_ids([p + r for p, _, r, _ in eval_ids])
         summary.update({f"eval_{k}": v for k, v in pairwise(chosen, rejected).items()})
+        summary.update({f"eval_{k}_before": v for k, v in before.items()})
         flaws = [eval_pairs[i].get("flaw") for *_, i in eval_ids]
         for flaw in sorted({f for f in flaws if f}):  # which kinds of bad answer the model cannot tell apart
             idx = [j for j, f in enumerate(flaws) if f == flaw]

@@ -28,11 +28,13 @@ from posttrain.models import (
     attach_chat_template,
     check_max_length,
     expose_head_bias,
-    is_adapter,
+    has_generation_markers,
     load_causal_lm,
+    load_start_model,
     load_tokenizer,
     lora_config,
     merge_adapter,
+    use_own_template,
 )
 from posttrain.plots import curves
 from posttrain.recipe import SftRecipe
@@ -59,8 +61,11 @@ def encode(tok, rows: list[dict], fmt: str, mode: str, max_length: int, overlong
     """Token ids and labels (-100 = not trained) for every example, with over-long ones dropped or
     truncated as the recipe says, and counted either way."""
     ids_all, labels_all, n_long, n_empty = [], [], 0, 0
-    for row in rows:
-        ids, mask = render(tok, row, fmt, mode)
+    for k, row in enumerate(rows):
+        try:
+            ids, mask = render(tok, row, fmt, mode)
+        except UserError as e:
+            raise UserError(f"data.{name} example {k + 1}: {e}") from None
         if len(ids) > max_length:
             n_long += 1
             if overlong == "drop":
@@ -183,11 +188,15 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     if eval_fmt != fmt:
         raise UserError(f"data.eval: format {eval_fmt} differs from data.train's {fmt}; use the same format")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
-    model = load_causal_lm(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
-    if is_adapter(recipe.model.path):
-        model = model.merge_and_unload()  # fine-tune the merged weights; a new adapter starts from them
+    model = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
     check_max_length(model, recipe.data.max_length)
-    new_tokens = attach_chat_template(model, tok, recipe.model.chat_template) if recipe.model.chat_template else []
+    # A template file named in the recipe replaces the model's own (adding the tokens it needs); else
+    # the model keeps the template its tokenizer ships with, untouched.
+    new_tokens = []
+    if recipe.model.chat_template:
+        new_tokens = attach_chat_template(model, tok, recipe.model.chat_template)
+    elif tok.chat_template:
+        use_own_template(model, tok)
     if fmt == "messages" and not tok.chat_template:
         raise UserError("model.chat_template: the model has no chat template; name one, e.g. data_templates/chatml.jinja")
     mode = default_loss(fmt) if recipe.sft.loss == "auto" else recipe.sft.loss
@@ -208,7 +217,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     if peft_config is not None:
         expose_head_bias(trainer.model)
     if packing:  # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
-        trainer.data_collator = PackedRows(tok.pad_token_id)
+        trainer.data_collator = PackedRows(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     train_metrics = fit(trainer, run_)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
     if not run_.main:
@@ -218,7 +227,9 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     trained = sum(sum(t != -100 for t in lab) for lab in train_ds["labels"])
     summary: dict = {
         **stats, **eval_stats,
-        "loss_mode": mode, "packing": packing, "padding_fraction": trainer.padding_fraction,
+        "loss_mode": mode, **({"assistant_mask": "generation markers" if has_generation_markers(tok.chat_template)
+                                else "derived from the template"} if mode == "assistant_only" else {}),
+        "packing": packing, "padding_fraction": trainer.padding_fraction,
         "trained_token_fraction": trained / sum(len(x) for x in train_ds["input_ids"]),
         "lora": recipe.model.lora is not None,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -242,7 +253,8 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "SFT loss", "cross-entropy")
     print_summary("sft summary", summary)
     kind = "LoRA adapter" if recipe.model.lora else "fully fine-tuned model"
+    template = recipe.model.chat_template or "the model's own"
     notes = (f"A {kind} from `{recipe.model.path}`, supervised fine-tuned on `{recipe.data.train}` ({fmt}, "
-             f"{mode} loss) with chat template `{recipe.model.chat_template}`.")
+             f"{mode} loss) with chat template `{template}`.")
     run_.finish(summary, model_card("SFT model", recipe, summary, notes))
     return run_.dir

@@ -1,0 +1,230 @@
+"""Real checkpoint families, every stage: tiny Llama, Qwen2, Mistral, Gemma, GPT-NeoX and GPT-2 models
+built from configs, each with its family's own chat template (no {% generation %} markers), its own
+end-of-turn token, and pad == eos or no pad token at all.
+
+The default suite checks every family's masks and runs the whole chain on one family (Llama: no pad
+token, an end-of-turn token that is not its EOS); `make test-slow` runs the chain on all six.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT, cli, write
+from families import CONVERSATION, END_OF_TURN, EXPECTED, FAMILIES, build_checkpoint
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from posttrain.errors import UserError
+from posttrain.models import attach_chat_template, end_of_turn, stop_ids
+from posttrain.render import render, template_mask
+
+CHATML = str(ROOT / "data_templates" / "chatml.jinja")
+
+
+def trained_spans(tok, ids: list[int], mask: list[int]) -> list[str]:
+    spans, run = [], []
+    for t, m in zip(ids, mask, strict=True):
+        if m:
+            run.append(t)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    return spans + ([tok.decode(run)] if run else [])
+
+
+@pytest.fixture(scope="session")
+def corpus(small_world) -> list[str]:
+    texts = [json.loads(line)["text"] for line in (small_world / "pretrain.jsonl").read_text().splitlines()]
+    return texts[:400] + [m["content"] for m in CONVERSATION]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_checkpoint(name, root / name, corpus) for name in FAMILIES}
+
+
+def family_tokenizer(checkpoints, family: str):
+    tok = AutoTokenizer.from_pretrained(checkpoints[family])
+    if family == "gpt2":  # no template of its own: today's behaviour, a template file with new tokens
+        attach_chat_template(None, tok, CHATML)
+    return tok
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_assistant_mask_trains_each_answer_and_its_end_of_turn_token(checkpoints, family):
+    tok = family_tokenizer(checkpoints, family)
+    ids, mask = render(tok, {"messages": CONVERSATION}, "messages", "assistant_only")
+    assert list(ids) == list(tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False))
+    assert trained_spans(tok, ids, mask) == EXPECTED[family]
+    untrained = tok.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+    assert "Where does Ada Lang live?" in untrained and "Paris" not in untrained
+    assert end_of_turn(tok) == END_OF_TURN[family]
+    assert tok.convert_tokens_to_ids(END_OF_TURN[family]) in stop_ids(tok)  # generation stops on it
+
+
+def test_markers_and_the_derived_mask_agree_on_every_world_sft_row(small_world, tiny_base):
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    attach_chat_template(None, tok, CHATML)
+    rows = [json.loads(line) for name in ("sft_train.jsonl", "sft_eval.jsonl")
+            for line in (small_world / name).read_text().splitlines()]
+    assert len(rows) > 100
+    for row in rows:
+        assert render(tok, row, "messages", "assistant_only") == template_mask(tok, row["messages"]), row
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_turn_named(checkpoints):
+    tok = AutoTokenizer.from_pretrained(checkpoints["qwen2"])
+    # marks the last message specially: rendered up to an answer, the last user turn looks different
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+                         "{% if loop.last %} (latest){% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    with pytest.raises(UserError, match=r"assistant turn 1 \(message 3\).*generation %\} markers"):
+        template_mask(tok, CONVERSATION)
+
+
+# --- every stage, run as a user would -----------------------------------------------------------------
+
+
+def chain(tmp_path, checkpoint, family: str, small_world) -> None:
+    """SFT (LoRA, own template) -> reward and DPO from that LoRA run -> PPO -> compare, chat, merge,
+    classify, show-mask and validate, 2-3 steps each; every run is loaded by the next stage."""
+    w = small_world
+    template = f", chat_template: {CHATML}" if family == "gpt2" else ""
+    steps = "train: {max_steps: 3, batch_size: 4, lr: 1.0e-3, save_every: 100}\nlogging: {every: 1}\n"
+    evals = f"eval: {{prompts: {w}/eval_prompts.jsonl, verifier: {w}, limit: 8, max_new_tokens: 8}}\n"
+
+    def stage(name: str, body: str, *extra: str) -> dict:
+        recipe = write(tmp_path / f"{name}.yaml", f"stage: {name.split('_')[0]}\n{body}{steps}output_dir: {tmp_path / name}\n")
+        cli(name.split("_")[0], str(recipe), *extra, check=True)
+        assert (tmp_path / name / "DONE").exists()
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    sft = stage("sft", f"model: {{path: {checkpoint}{template}, lora: {{r: 4, alpha: 8}}}}\n"
+                       f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 24}}\n{evals}")
+    assert sft["loss_mode"] == "assistant_only"
+    assert sft["assistant_mask"] == ("generation markers" if family == "gpt2" else "derived from the template")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "sft")
+    assert saved.chat_template == (AutoTokenizer.from_pretrained(checkpoint).chat_template or saved.chat_template)
+    if family != "gpt2":  # nothing added: the stock template needs no new token and no pad token
+        assert len(saved) == len(AutoTokenizer.from_pretrained(checkpoint))
+
+    sft_full = stage("sft_full", f"model: {{path: {checkpoint}{template}}}\n"
+                                 f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 16}}\n")
+    assert sft_full["lora"] is False
+
+    reward = stage("reward", f"model: {{path: {tmp_path / 'sft'}}}\n"  # a LoRA run: merged into its base first
+                             f"data: {{train: {w}/pref_train.jsonl, max_length: 128, limit: 24}}\n"
+                             "reward: {eval_split: 0.2, gold_pairs: 0}\n")
+    assert reward["eval_pairs"] <= 12 and "eval_accuracy_before" in reward and "eval_accuracy" in reward
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward")
+    assert rm.config.num_labels == 1
+
+    dpo = stage("dpo", f"model: {{path: {tmp_path / 'sft'}, lora: {{r: 4, alpha: 8}}}}\n"
+                       f"data: {{train: {w}/pref_train.jsonl, max_length: 128, limit: 16}}\n"
+                       f"dpo: {{eval_split: 0.2, sft_weight: 0}}\n{evals}")
+    assert {"eval_logprob_accuracy_before", "eval_logprob_accuracy", "eval_preference_accuracy"} <= dpo.keys()
+    assert dpo["kl_to_ref"] >= 0
+
+    ppo = stage("ppo", f"model: {{path: {tmp_path / 'sft_full'}, lora: {{r: 4, alpha: 8}}}}\n"
+                       f"data: {{train: {w}/ppo_prompts.jsonl, max_length: 128, limit: 16}}\n"
+                       f"ppo: {{reward_model: {tmp_path / 'reward'}, verifier: {w}, iterations: 2, rollout_batch_size: 4,"
+                       f" minibatch_size: 2, max_new_tokens: 8, eval_every: 100}}\n{evals}")
+    assert ppo["iterations"] == 2 and ppo["kl_to_ref"] >= 0
+
+    out = tmp_path / "compare"
+    suite = write(tmp_path / "suite.yaml", f"prompts: {w}/eval_prompts.jsonl\nverifier: {w}\nlimit: 8\nmax_new_tokens: 8\n"
+                  "samples: 1\nbatch_size: 8\nexamples: 2\n")
+    cli("compare", "--suite", str(suite), f"base={checkpoint}", f"sft={tmp_path / 'sft'}", f"dpo={tmp_path / 'dpo'}", f"ppo={tmp_path / 'ppo'}",
+        "--reward", str(tmp_path / "reward"), "--ref", "sft", "--out", str(out), check=True)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert set(metrics) == {"base", "sft", "dpo", "ppo"} and all(m["kl_to_ref"] >= 0 for m in metrics.values())
+
+    chat = cli("chat", str(tmp_path / "dpo"), "--max-new-tokens", "6", input="Where does Ada Lang live?\n", check=True)
+    assert END_OF_TURN[family] not in chat.stdout  # the end-of-turn token ends the answer, it is not shown
+
+    merged = tmp_path / "merged"
+    cli("merge", str(tmp_path / "sft"), "--out", str(merged), check=True)
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == AutoModelForCausalLM.from_pretrained(
+        checkpoint).config.model_type
+
+    for trainable in ("head", "last_blocks:1", "lora", "all"):
+        name = f"classify_{trainable.replace(':', '')}"
+        summary = stage(name, f"model: {{path: {tmp_path / 'sft'}}}\n"
+                              f"data: {{train: {w}/intent_train.jsonl, max_length: 64, limit: 32}}\n"
+                              f"classify: {{trainable: '{trainable}'}}\n")
+        assert summary["test_examples"] <= 8 and "test_accuracy_before" in summary
+
+    shown = cli("show-mask", str(tmp_path / "sft.yaml"), "--no-color", check=True).stdout
+    assert "[[" in shown and END_OF_TURN[family] + "]]" in shown
+    assert "ok" in cli("validate", str(tmp_path / "dpo.yaml"), check=True).stdout
+
+
+def test_every_stage_on_a_llama_checkpoint_with_its_own_template(tmp_path, checkpoints, small_world):
+    chain(tmp_path, checkpoints["llama"], "llama", small_world)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_every_stage_on_every_family(tmp_path, checkpoints, small_world, family):
+    chain(tmp_path, checkpoints[family], family, small_world)
+
+
+# --- bad input: one line, exit 2, nothing written -----------------------------------------------------
+
+
+def _sft_recipe(tmp_path, model_path, small_world) -> str:
+    return str(write(tmp_path / "sft.yaml", f"stage: sft\nmodel: {{path: {model_path}}}\n"
+                     f"data: {{train: {small_world}/sft_train.jsonl, max_length: 128, limit: 8}}\n"
+                     f"train: {{max_steps: 1}}\noutput_dir: {tmp_path / 'out'}\n"))
+
+
+def _refused(proc, *phrases: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+    for phrase in phrases:
+        assert phrase in proc.stderr, proc.stderr
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, checkpoints, small_world):
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    # a LoRA run whose base directory is gone
+    base = tmp_path / "gone_base"
+    shutil.copytree(checkpoints["llama"], base)
+    adapter = tmp_path / "lora_run"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(base).save_pretrained(adapter)
+    shutil.rmtree(base)
+    _refused(cli("sft", _sft_recipe(tmp_path / "a", adapter, small_world)), "LoRA adapter over", "no longer exists")
+
+    # a tokenizer with more ids than the model has embedding rows
+    mixed = tmp_path / "mixed"
+    shutil.copytree(checkpoints["llama"], mixed)
+    tok = AutoTokenizer.from_pretrained(mixed)
+    tok.add_tokens([f"extra{i}" for i in range(5)])
+    tok.save_pretrained(mixed)
+    _refused(cli("sft", _sft_recipe(tmp_path / "b", mixed, small_world)), "embeddings only", "use the tokenizer saved")
+
+    # an architecture that is code in the checkpoint's own repository, with trust_remote_code off
+    remote = tmp_path / "remote"
+    shutil.copytree(checkpoints["llama"], remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="my_own_llama", auto_map={"AutoConfig": "configuration_mine.MineConfig",
+                                                       "AutoModelForCausalLM": "modeling_mine.MineForCausalLM"})
+    (remote / "config.json").write_text(json.dumps(config))
+    _refused(cli("sft", _sft_recipe(tmp_path / "c", remote, small_world)), "trust_remote_code: true")
+    for case in "abc":
+        assert not (tmp_path / case / "out").exists()
+
+    # bf16 weights load as fp32 on a CPU
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(checkpoints["qwen2"], dtype=torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(checkpoints["qwen2"]).save_pretrained(half)
+    from posttrain.models import load_start_model
+
+    assert next(load_start_model(str(half)).parameters()).dtype == torch.float32
