@@ -75,7 +75,11 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
         from peft import PeftModel
 
         base_path = adapter_base(path)
-        base = from_pretrained(AutoModelForCausalLM, base_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        if is_adapter(base_path):  # a LoRA run on top of another LoRA run: that one merged first
+            base = load_start_model(base_path, dtype, trust_remote_code, tokenizer)
+        else:
+            base = from_pretrained(AutoModelForCausalLM, base_path, dtype=torch_dtype(dtype),
+                                   trust_remote_code=trust_remote_code)
         if tokenizer is not None and base.get_input_embeddings().num_embeddings != len(tokenizer):
             base.resize_token_embeddings(len(tokenizer))  # the adapter's run added chat tokens
         return PeftModel.from_pretrained(base, path)
@@ -101,6 +105,9 @@ def load_start_model(path: str, dtype: str = "auto", trust_remote_code: bool = F
     model = load_causal_lm(path, dtype, trust_remote_code, tokenizer=tokenizer)
     if is_adapter(path):
         model = model.merge_and_unload()
+        # peft records this as the base of an adapter trained on top; the LoRA run, not its own base
+        # (which lacks the merged adapter), is what that adapter must be loaded onto
+        model.name_or_path = str(path)
     check_vocab(model, tokenizer, path)
     return model
 
@@ -132,6 +139,7 @@ def sequence_classifier(path: str, dtype: str, trust_remote_code: bool, tokenize
         with tempfile.TemporaryDirectory(prefix="posttrain-merged-") as tmp:
             load_start_model(path, "float32", trust_remote_code, tokenizer).save_pretrained(tmp)
             model = from_pretrained(AutoModelForSequenceClassification, tmp, **kw)
+        model.name_or_path = str(path)
     if tokenizer is not None:
         check_vocab(model, tokenizer, path)
         # the HF head needs some pad id to run a batch; which one does not matter: posttrain reads the

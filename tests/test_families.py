@@ -102,8 +102,10 @@ def chain(tmp_path, checkpoint, family: str, small_world) -> None:
         return json.loads((tmp_path / name / "summary.json").read_text())
 
     sft = stage("sft", f"model: {{path: {checkpoint}{template}, lora: {{r: 4, alpha: 8}}}}\n"
-                       f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 24}}\n{evals}")
+                       f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 24}}\n{evals}",
+                "--set", "train.packing=true")
     assert sft["loss_mode"] == "assistant_only"
+    assert sft["packing"] is True  # sequences kept apart, checked on the model (its config ships use_cache: true)
     assert sft["assistant_mask"] == ("generation markers" if family == "gpt2" else "derived from the template")
     saved = AutoTokenizer.from_pretrained(tmp_path / "sft")
     assert saved.chat_template == (AutoTokenizer.from_pretrained(checkpoint).chat_template or saved.chat_template)
@@ -111,8 +113,10 @@ def chain(tmp_path, checkpoint, family: str, small_world) -> None:
         assert len(saved) == len(AutoTokenizer.from_pretrained(checkpoint))
 
     sft_full = stage("sft_full", f"model: {{path: {checkpoint}{template}}}\n"
-                                 f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 16}}\n")
+                                 f"data: {{train: {w}/sft_train.jsonl, max_length: 128, limit: 16}}\n",
+                     "--set", "train.packing=true")
     assert sft_full["lora"] is False
+    assert json.loads((tmp_path / "sft_full" / "config.json").read_text())["use_cache"] is True  # as the checkpoint had it
 
     reward = stage("reward", f"model: {{path: {tmp_path / 'sft'}}}\n"  # a LoRA run: merged into its base first
                              f"data: {{train: {w}/pref_train.jsonl, max_length: 128, limit: 24}}\n"
@@ -126,6 +130,8 @@ def chain(tmp_path, checkpoint, family: str, small_world) -> None:
                        f"dpo: {{eval_split: 0.2, sft_weight: 0}}\n{evals}")
     assert {"eval_logprob_accuracy_before", "eval_logprob_accuracy", "eval_preference_accuracy"} <= dpo.keys()
     assert dpo["kl_to_ref"] >= 0
+    # the DPO adapter was trained on the SFT run's merged weights: that run is its base, not the raw checkpoint
+    assert json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "sft")
 
     ppo = stage("ppo", f"model: {{path: {tmp_path / 'sft_full'}, lora: {{r: 4, alpha: 8}}}}\n"
                        f"data: {{train: {w}/ppo_prompts.jsonl, max_length: 128, limit: 16}}\n"
@@ -155,6 +161,8 @@ def chain(tmp_path, checkpoint, family: str, small_world) -> None:
                               f"data: {{train: {w}/intent_train.jsonl, max_length: 64, limit: 32}}\n"
                               f"classify: {{trainable: '{trainable}'}}\n")
         assert summary["test_examples"] <= 8 and "test_accuracy_before" in summary
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / name)  # a standard classifier
+        assert classifier.config.num_labels == len(summary["labels"].split(","))
 
     shown = cli("show-mask", str(tmp_path / "sft.yaml"), "--no-color", check=True).stdout
     assert "[[" in shown and END_OF_TURN[family] + "]]" in shown

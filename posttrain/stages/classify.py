@@ -4,8 +4,8 @@ Reads:  model.path (any causal LM checkpoint), data.train / data.eval (text + la
         classify.text_column / label_column), classify.test, classify.split (seeded val/test carved
         from data.train when those files are absent), classify.trainable, classify.group_by_length,
         data.max_length, train.*
-Writes: a sequence-classification model (labels in config.id2label), confusion matrix PNG,
-        test_predictions.jsonl, and the usual run files.
+Writes: a sequence-classification model (labels in config.id2label; with trainable: lora merged,
+        the adapter kept in adapter/), confusion matrix PNG, test_predictions.jsonl, and the usual run files.
 Reports: accuracy, macro-F1, per-class precision/recall, the confusion matrix, and the accuracy of
         the untrained head for reference.
 
@@ -80,11 +80,12 @@ def make_trainable(model, trainable: str, lora):
         p.requires_grad = True
     if trainable.startswith("last_blocks:"):
         n = int(trainable.split(":")[1])
-        blocks = model.base_model.h if hasattr(model.base_model, "h") else model.base_model.layers
+        body = model.base_model
+        blocks = body.h if hasattr(body, "h") else body.layers
         if n > len(blocks):
             raise UserError(f"classify.trainable: the model has {len(blocks)} blocks, fewer than {n}")
-        final_norm = getattr(model.base_model, "ln_f", None) or getattr(model.base_model, "norm", None)
-        for module in [*blocks[-n:], final_norm]:
+        final_norm = next((getattr(body, k) for k in ("ln_f", "norm", "final_layer_norm") if hasattr(body, k)), None)
+        for module in [*blocks[-n:], *([final_norm] if final_norm is not None else [])]:
             for p in module.parameters():
                 p.requires_grad = True
     return model
@@ -193,7 +194,11 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
             f.write(json.dumps({"text": r[c.text_column], "label": str(r[c.label_column]), "predicted": labels[p]}) + "\n")
     confusion(matrix, labels, run_.plots_dir() / "confusion_matrix.png", f"test confusion matrix (accuracy {report['accuracy']:.3f})")
     curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "classification loss", "cross-entropy")
-    trainer.save_model(str(run_.dir))
+    if c.trainable == "lora":  # saved merged, a standard classifier; the adapter (and the head) kept in adapter/
+        trainer.save_model(str(run_.dir / "adapter"))
+        trainer.model.merge_and_unload().save_pretrained(str(run_.dir))
+    else:
+        trainer.save_model(str(run_.dir))
     tok.save_pretrained(str(run_.dir))
     _print_confusion(matrix, labels)
     print_summary("classify summary", summary)

@@ -175,6 +175,8 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
     for key in ("score", "proxy", "gold", "kl", "response_length", "stop_rate"):
         if all(key in h for h in last):
             summary[f"final_{key}"] = sum(h[key] for h in last) / len(last)
+    if "final_kl" in summary:  # a mean of noisy per-batch estimates; the KL itself is never negative
+        summary["final_kl"] = max(0.0, summary["final_kl"])
     generate_s = sum(h.get("time_generate", 0) for h in history)
     train_s = sum(h.get("time_train", 0) for h in history)
     summary["time_generate_fraction"] = generate_s / max(generate_s + train_s, 1e-9)

@@ -97,9 +97,9 @@ def packing_is_exact(model) -> bool:
     a, b = torch.randint(0, vocab, (1, 5), generator=g), torch.randint(0, vocab, (1, 7), generator=g)
     was = model.training
     model.eval()
-    alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
+    alone = torch.cat([model(input_ids=a, use_cache=False).logits, model(input_ids=b, use_cache=False).logits], dim=1)
     pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=pos).logits
+    packed = model(input_ids=torch.cat([a, b], dim=1), position_ids=pos, use_cache=False).logits
     model.train(was)
     return torch.allclose(alone, packed, atol=1e-4)
 
@@ -209,6 +209,11 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     packing = recipe.train.packing and packing_is_exact(model)
     if recipe.train.packing and not packing:
         print("note: packing is off: this model mixes packed sequences (its attention ignores position ids)")
+    use_cache = model.config.use_cache
+    if packing:
+        # transformers keeps packed sequences apart only when no KV cache is built (masking_utils
+        # _preprocess_mask_arguments); most checkpoints ship use_cache: true, and training needs none
+        model.config.use_cache = False
     peft_config = lora_config(recipe.model.lora, "CAUSAL_LM", new_tokens) if recipe.model.lora else None
     args = SFTConfig(**trainer_kwargs(recipe, run_, max_length=n, packing=packing, packing_strategy="bfd",
                                       eval_packing=False, assistant_only_loss=False, completion_only_loss=False))
@@ -246,6 +251,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
         if result.scores:
             summary.update(heldout_retention(recipe, result.rows, result.scores))
 
+    model.config.use_cache = use_cache  # saved as the checkpoint had it
     trainer.save_model(str(run_.dir))
     tok.save_pretrained(str(run_.dir))
     if recipe.model.lora and recipe.sft.merge:
