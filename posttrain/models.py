@@ -80,10 +80,14 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
         else:
             base = from_pretrained(AutoModelForCausalLM, base_path, dtype=torch_dtype(dtype),
                                    trust_remote_code=trust_remote_code)
-        if tokenizer is not None and base.get_input_embeddings().num_embeddings != len(tokenizer):
-            base.resize_token_embeddings(len(tokenizer))  # the adapter's run added chat tokens
+        if tokenizer is not None and len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            # the adapter's run added chat tokens (grow only: many checkpoints pad their embeddings
+            # beyond the tokenizer, and those rows stay)
+            base.resize_token_embeddings(len(tokenizer))
         return PeftModel.from_pretrained(base, path)
-    return from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    check_vocab(model, tokenizer, path)
+    return model
 
 
 def adapter_base(path: str | Path) -> str:
@@ -108,7 +112,6 @@ def load_start_model(path: str, dtype: str = "auto", trust_remote_code: bool = F
         # peft records this as the base of an adapter trained on top; the LoRA run, not its own base
         # (which lacks the merged adapter), is what that adapter must be loaded onto
         model.name_or_path = str(path)
-    check_vocab(model, tokenizer, path)
     return model
 
 
