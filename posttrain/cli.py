@@ -125,7 +125,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _show_mask(args: argparse.Namespace) -> int:
     from posttrain.models import attach_chat_template, load_tokenizer
     from posttrain.recipe import load_recipe
-    from posttrain.render import check_loss_mode, default_loss, render, show
+    from posttrain.render import check_loss_mode, default_loss, mask_source, render, show
     from posttrain.stages.sft import load_examples
 
     recipe = load_recipe(args.recipe, args.overrides, stage="sft")
@@ -142,12 +142,7 @@ def _show_mask(args: argparse.Namespace) -> int:
     ids, mask = render(tok, rows[args.index], fmt, mode)
     color = sys.stdout.isatty() and not args.no_color
     legend = "trained tokens on green" if color else "trained tokens in [[...]]"
-    source = ""
-    if mode == "assistant_only":
-        from posttrain.models import has_generation_markers
-
-        source = ", mask from the template's generation markers" if has_generation_markers(tok.chat_template) else \
-            ", mask derived from the template (no generation markers)"
+    source = f", mask: {mask_source(tok)}" if mode == "assistant_only" else ""
     print(f"{args.split} example {args.index} ({fmt}, {mode} loss{source}; {legend}):\n")
     print(show(tok, ids, mask, color))
     n = sum(mask)

@@ -150,6 +150,15 @@ def _read_hub(source: str) -> Table:
 # --- formats -----------------------------------------------------------------------------------------
 
 
+def heldout_size(n: int, limit: int | None, fraction: float, train_fraction: float) -> int:
+    """How many of `n` held-out records to evaluate on. With data.limit (a quick try) the held-out set
+    shrinks in proportion to the training rows actually used (limit / train_fraction records in all),
+    taking the first of the same held-out records, so it still never overlaps another run's training."""
+    if limit is None:
+        return n
+    return max(1, min(n, round(limit * fraction / max(train_fraction, 1e-9))))
+
+
 def infer_format(table: Table, allowed: tuple[str, ...]) -> str:
     """The first format in `allowed` whose fields the first row has."""
     first = table.rows[0]

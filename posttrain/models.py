@@ -147,7 +147,7 @@ def sequence_classifier(path: str, dtype: str, trust_remote_code: bool, tokenize
         check_vocab(model, tokenizer, path)
         # the HF head needs some pad id to run a batch; which one does not matter: posttrain reads the
         # head at the last real token from the attention mask (last_token_logits)
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model.config.pad_token_id = pad_id(tokenizer)
     return model
 
 
@@ -276,6 +276,12 @@ def stop_ids(tokenizer) -> list[int]:
             if tid not in ids:
                 ids.append(tid)
     return [i for i in ids if i is not None]
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else the EOS. Which one never matters for what is computed:
+    every length comes from attention masks or labels, never from finding pad ids."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def use_own_template(model, tokenizer) -> None:

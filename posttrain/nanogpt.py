@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import UserError
+from posttrain.models import pad_id
 from posttrain.runs import write_atomic
 
 ATOL = RTOL = 1e-4
@@ -210,7 +211,7 @@ def to_hf(ckpt: Checkpoint, tokenizer):
             hf[name] = src
     model.load_state_dict(hf, strict=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.generation_config.pad_token_id = pad_id(tokenizer)
     return model.eval()
 
 

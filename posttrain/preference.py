@@ -37,12 +37,10 @@ def load_train_eval(data, eval_split: float | None, seed: int,
     if not 0 < n < len(order):
         raise UserError(f"{key}: {eval_split} of {len(order)} records in {data.train} leaves no "
                         f"{'eval' if n == 0 else 'training'} record; change the fraction")
-    # With data.limit (a quick try) the eval pairs shrink in proportion: the first of the same held-out
-    # records, so the split still never overlaps another stage's training records.
-    n_eval = n if data.limit is None else max(1, min(n, round(data.limit * eval_split / (1 - eval_split))))
-    held, kept = table.select(sorted(order[:n][:n_eval])), table.select(sorted(order[n:]))
-    print(f"note: held out {n} of {len(order)} records of {data.train}, {n_eval} of them as eval pairs (seed {seed})"
-          if n_eval < n else f"note: held out {n} of {len(order)} records of {data.train} as eval pairs (seed {seed})")
+    n_eval = datalib.heldout_size(n, data.limit, eval_split, 1 - eval_split)
+    held, kept = table.select(sorted(order[:n_eval])), table.select(sorted(order[n:]))
+    used = f", {n_eval} of them" if n_eval < n else ""
+    print(f"note: held out {n} of {len(order)} records of {data.train}{used} as eval pairs (seed {seed})")
     return pairs_from_table(kept.head(data.limit)), pairs_from_table(held)
 
 
@@ -165,8 +163,9 @@ class RewardScorer:
         if model.config.num_labels != 1:
             raise UserError(f"not a reward model: it has {model.config.num_labels} labels, a reward model has 1")
         self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
-        # any id will do for padding: the score is read at the last real token, by the attention mask
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        from posttrain.models import pad_id
+
+        self.pad_id = pad_id(tok)  # the score is read at the last real token, by the attention mask
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | None = None) -> RewardScorer:

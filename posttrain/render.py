@@ -66,6 +66,12 @@ def render(tokenizer, row: dict, fmt: str, mode: str) -> tuple[list[int], list[i
     return ids, [1] * len(ids)
 
 
+def mask_source(tokenizer) -> str:
+    """How assistant-only masks are made with this tokenizer's template (shown by show-mask, kept in
+    the SFT summary)."""
+    return "generation markers" if has_generation_markers(tokenizer.chat_template) else "derived from the template"
+
+
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text for `messages`; a template that fails to render is a recipe error."""
     try:

@@ -49,15 +49,13 @@ def load_splits(recipe: ClassifyRecipe) -> dict[str, datalib.Table]:
               "test": datalib.load(c.test, recipe.data.columns) if c.test else None}
     order = list(range(len(train)))
     random.Random(recipe.seed).shuffle(order)
-    limit = recipe.data.limit
     for name, fraction in (("test", c.split.test), ("val", c.split.val)):
         if splits[name] is None:
             n = round(len(order) * fraction)
             if n == 0:
                 raise UserError(f"classify.split.{name}: no {name} file and a split of 0; give one or the other")
-            # With data.limit (a quick try), the carved split shrinks in proportion, taken from the same
-            # held-out records; the rest of those records stay out of training all the same.
-            keep = n if limit is None else max(1, min(n, round(limit * fraction / max(1e-9, 1 - c.split.test - c.split.val))))
+            # the rest of the n held-out records stay out of training all the same
+            keep = datalib.heldout_size(n, recipe.data.limit, fraction, 1 - c.split.test - c.split.val)
             splits[name], order = train.select(sorted(order[:keep])), order[n:]
         else:
             datalib.validate(splits[name], "classification", names)

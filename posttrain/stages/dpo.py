@@ -23,7 +23,7 @@ from trl import DPOConfig, DPOTrainer
 
 from posttrain.evaluate import answer_logprobs, evaluate_prompts, policy_kl
 from posttrain.metrics import pairwise
-from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
+from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config, pad_id
 from posttrain.plots import curves
 from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
@@ -38,11 +38,10 @@ def _dataset(pairs: list[dict], kept: list) -> Dataset:
 def logprob_preference(model, tok, kept: list) -> dict:
     """How often the model itself gives the chosen answer a higher log-probability than the rejected one
     (summed over answer tokens), and the mean difference, on (prompt, chosen, rejected) token ids."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was = model.training
     model.eval()
-    chosen = answer_logprobs(model, [(p, c) for p, c, _, _ in kept], pad)
-    rejected = answer_logprobs(model, [(p, r) for p, _, r, _ in kept], pad)
+    chosen = answer_logprobs(model, [(p, c) for p, c, _, _ in kept], pad_id(tok))
+    rejected = answer_logprobs(model, [(p, r) for p, _, r, _ in kept], pad_id(tok))
     model.train(was)
     m = pairwise(chosen, rejected)
     return {"logprob_accuracy": m["accuracy"], "logprob_margin": m["mean_margin"]}

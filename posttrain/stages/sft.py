@@ -28,17 +28,17 @@ from posttrain.models import (
     attach_chat_template,
     check_max_length,
     expose_head_bias,
-    has_generation_markers,
     load_causal_lm,
     load_start_model,
     load_tokenizer,
     lora_config,
     merge_adapter,
+    pad_id,
     use_own_template,
 )
 from posttrain.plots import curves
 from posttrain.recipe import SftRecipe
-from posttrain.render import check_loss_mode, default_loss, render
+from posttrain.render import check_loss_mode, default_loss, mask_source, render
 from posttrain.runs import Run, model_card, print_summary
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
@@ -222,7 +222,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     if peft_config is not None:
         expose_head_bias(trainer.model)
     if packing:  # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
-        trainer.data_collator = PackedRows(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        trainer.data_collator = PackedRows(pad_id(tok))
     train_metrics = fit(trainer, run_)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
     if not run_.main:
@@ -232,8 +232,7 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
     trained = sum(sum(t != -100 for t in lab) for lab in train_ds["labels"])
     summary: dict = {
         **stats, **eval_stats,
-        "loss_mode": mode, **({"assistant_mask": "generation markers" if has_generation_markers(tok.chat_template)
-                                else "derived from the template"} if mode == "assistant_only" else {}),
+        "loss_mode": mode, **({"assistant_mask": mask_source(tok)} if mode == "assistant_only" else {}),
         "packing": packing, "padding_fraction": trainer.padding_fraction,
         "trained_token_fraction": trained / sum(len(x) for x in train_ds["input_ids"]),
         "lora": recipe.model.lora is not None,
