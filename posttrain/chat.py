@@ -2,7 +2,7 @@
 
 Each turn the whole conversation goes through the model's chat template (the oldest exchanges are
 dropped once it no longer fits the context) and the answer ends at the model's stop tokens
-(models.stop_ids) or after max_new_tokens. A model without a chat template (a base model) has no
+(templates.stop_ids) or after max_new_tokens. A model without a chat template (a base model) has no
 notion of turns: each line you type is continued as plain text, with no history.
 
 Commands: /reset (forget the history), /temp T (temperature; 0 = greedy), /max N (max new tokens),
@@ -28,7 +28,8 @@ class Chat:
     """A conversation with one model: the history, the sampling settings, and one reply per turn."""
 
     def __init__(self, model, tokenizer, *, temperature: float = 0.7, max_new_tokens: int = 64, seed: int = 0):
-        from posttrain.models import context_length, stop_ids
+        from posttrain.models import context_length
+        from posttrain.templates import stop_ids
 
         self.model, self.tok = model, tokenizer
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
@@ -42,7 +43,7 @@ class Chat:
     def reply(self, text: str):
         """The model's answer to `text` (an evaluate.Generation), added to the history."""
         from posttrain.evaluate import generate
-        from posttrain.models import prompt_ids
+        from posttrain.templates import prompt_ids
 
         self.history.append({"role": "user", "content": text})
         ids = prompt_ids(self.tok, self.history if self.chat else text)

@@ -12,6 +12,8 @@ import os
 import sys
 import warnings
 
+from posttrain.stages import STAGES, Stage
+
 DESCRIPTION = """\
 Post-training for GPT checkpoints: pretrain a small GPT on the built-in world, then classification
 fine-tuning, SFT, reward modelling, DPO and PPO, each measured on what it changed.
@@ -33,49 +35,11 @@ examples:
 
 `posttrain COMMAND --help` documents each command."""
 
-# name -> (module, help, description)
-STAGES = {
-    "world": ("posttrain.stages.world", "generate the built-in world's datasets",
-              "Generate the built-in world from a seed: people and facts, the pretraining corpus, chat SFT data "
-              "(held-out people excluded), classification data, preference pairs, PPO and evaluation prompts. "
-              "The same recipe always gives byte-identical files. Default recipe: recipes/world/world.yaml."),
-    "pretrain": ("posttrain.stages.pretrain", "pretrain a GPT-2 from scratch (the world's base model)",
-                 "Train a byte-level BPE tokenizer (or load one) and a GPT-2 from scratch on a text corpus. Saves a "
-                 "standard Hugging Face model directory and reports the loss and, given probe prompts, how many facts "
-                 "the model completes correctly (fact_recall in summary.json)."),
-    "sft": ("posttrain.stages.sft", "supervised fine-tuning with a chat template and loss masking",
-            "Fine-tune a causal LM on chats (messages), prompt/completion pairs, Alpaca records or plain text with TRL's "
-            "SFTTrainer. The model keeps its own chat template, or model.chat_template names one (from data_templates/: its "
-            "special tokens are added and the embedding resized); the loss covers only what the model should learn to say "
-            "(assistant turns and their end-of-turn token, found from any template, or completions), packing is padding-free, and model.lora switches to LoRA. At the end it answers the eval "
-            "prompts and, with the world's verifier, reports format, gold metrics and held-out fact retention."),
-    "classify": ("posttrain.stages.classify", "fine-tune a GPT as a text classifier",
-                 "Put a classification head on the hidden state of the last real token of a pretrained GPT and "
-                 "fine-tune it on text + label data (JSONL/CSV/TSV). classify.trainable picks what learns: head, "
-                 "last_blocks:N, lora or all. Reports accuracy, macro-F1, per-class precision/recall and a confusion "
-                 "matrix on the test split, and the untrained head's accuracy for reference."),
-    "reward": ("posttrain.stages.reward", "train a reward model on preference pairs",
-               "Train a scalar reward model (a sequence-classification head on the last real token) on prompt/chosen/"
-               "rejected pairs with TRL's RewardTrainer, starting from a chat model. Reports held-out pairwise accuracy "
-               "and margins, a score histogram, and on the world how often it ranks fresh answers like the gold verifier."),
-    "dpo": ("posttrain.stages.dpo", "direct preference optimisation of a chat model",
-            "Align a chat model on preference pairs with TRL's DPOTrainer (beta, loss_type sigmoid/ipo/hinge/...). The "
-            "reference is the starting model (with LoRA, the same model with adapters off; or precomputed log-probs). "
-            "Reports held-out preference accuracy and margins, the KL of the new policy to the reference on eval "
-            "prompts, and on the world the gold-verifier metrics before and after."),
-    "ppo": ("posttrain.stages.ppo", "RLHF with PPO against a reward model and/or the gold verifier",
-            "Optimise a chat model with PPO (posttrain/ppo.py: rollouts, KL-shaped rewards, GAE, clipped policy and "
-            "value losses, adaptive KL). The reward is a learned reward model, the world's gold verifier, or a weighted "
-            "sum; both are logged every iteration, and a monitor flags reward hacking (proxy up while gold falls). "
-            "Works under `accelerate launch` with several processes."),
-}
-DEFAULT_RECIPES = {"world": "recipes/world/world.yaml"}
-
-
-def _stage_parser(sub, name: str) -> None:
-    module, help_, desc = STAGES[name]
-    p = sub.add_parser(name, help=help_, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default = DEFAULT_RECIPES.get(name)
+def _stage_parser(sub, stage: Stage) -> None:
+    name = stage.name
+    p = sub.add_parser(name, help=stage.help, description=stage.description,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    default = stage.world_recipe if name == "world" else None  # the world needs no inputs: its recipe is optional
     p.add_argument("recipe", nargs="?" if default else None, default=default,
                    help=f"recipe YAML{f' (default: {default})' if default else ''}")
     _add_set(p)
@@ -90,7 +54,8 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> int:
-    from posttrain.recipe import check_inputs, load_recipe
+    from posttrain.inputs import check_inputs
+    from posttrain.recipe_file import load_recipe
     from posttrain.runs import AlreadyDone, finished_with, is_main_process
 
     recipe = load_recipe(args.recipe, args.overrides, stage=name)
@@ -98,7 +63,7 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
     try:
         if finished_with(recipe) and not args.force:  # before the stage's imports and models: a re-run takes a second
             raise AlreadyDone(recipe.output_dir)
-        out = importlib.import_module(STAGES[name][0]).run(recipe, force=args.force)
+        out = importlib.import_module(STAGES[name].module).main(recipe, force=args.force)
     except AlreadyDone as done:
         if is_main_process():
             print(f"{done} is already done with this recipe; skipping (use --force to run it again)")
@@ -109,8 +74,9 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from posttrain.launch import check_launch
-    from posttrain.recipe import check_inputs, load_recipe
+    from posttrain.inputs import check_inputs
+    from posttrain.launch_rules import check_launch
+    from posttrain.recipe_file import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     notes = check_inputs(recipe, offline=args.offline)
@@ -124,7 +90,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _show_mask(args: argparse.Namespace) -> int:
     from posttrain.models import attach_chat_template, load_tokenizer
-    from posttrain.recipe import load_recipe
+    from posttrain.recipe_file import load_recipe
     from posttrain.render import check_loss_mode, default_loss, mask_source, render, show
     from posttrain.stages.sft import load_examples
 
@@ -163,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in STAGES:
-        _stage_parser(sub, name)
+    for stage in STAGES.values():
+        _stage_parser(sub, stage)
     v = sub.add_parser("validate", help="check a recipe without training",
                        description="Check a recipe against the schema (unknown keys, types, ranges) and check that every "
                                    "file and run directory it reads exists and is finished. Nothing is trained or written.")
@@ -256,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from posttrain.report import compare
+    from posttrain.compare import compare
 
     if args.limit is not None and args.limit < 1:
         from posttrain.errors import UserError

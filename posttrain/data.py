@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.errors import UserError
-from posttrain.recipe import is_hub_id
+from posttrain.inputs import is_hub_id
 
 FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),

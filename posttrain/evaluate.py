@@ -105,7 +105,7 @@ def fact_recall(model, tokenizer, rows: list[dict], batch_size: int = 128) -> di
 def answer(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 48, batch_size: int = 64,
            temperature: float = 0.0, seed: int = 0) -> list[Generation]:
     """Each row's `prompt` answered by the model (through its chat template when it has one)."""
-    from posttrain.models import prompt_ids, stop_ids
+    from posttrain.templates import prompt_ids, stop_ids
 
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
     return generate(model, tokenizer, prompts, stop_ids=stop_ids(tokenizer), max_new_tokens=max_new_tokens,
@@ -116,8 +116,15 @@ def _rate(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
+def answer_stats(gens: list[Generation]) -> dict:
+    """What every set of answers reports, verifier or not: how often they end by themselves, and their
+    mean length in the model's own tokens (stop token included)."""
+    return {"stop_rate": _rate([g.stopped for g in gens]), "mean_tokens": sum(g.tokens for g in gens) / len(gens)}
+
+
 def gold_metrics(rows: list[dict], scores: list, gens: list[Generation]) -> dict:
-    """Aggregate gold-verifier scores into the metrics every stage and `compare` report.
+    """Aggregate gold-verifier scores into the metrics every stage and `compare` report (beside
+    answer_stats, which needs no verifier).
 
     fact_accuracy counts fact and leading questions; direct_accuracy_heldout is plain questions
     about people never seen in chat (the "SFT teaches format, not knowledge" number); sycophancy is
@@ -131,7 +138,6 @@ def gold_metrics(rows: list[dict], scores: list, gens: list[Generation]) -> dict
     out = {
         "gold_score": sum(s.total for s in scores) / len(scores),
         "format_rate": _rate([s.format for s in scores]),
-        "stop_rate": _rate([g.stopped for g in gens]),
         "fact_accuracy": _rate([s.correct for s in facts]),
         "fact_accuracy_seen": _rate([s.correct for s in pick(lambda r: r["kind"] in ("fact", "leading") and r.get("group") == "seen")]),
         "fact_accuracy_heldout": _rate([s.correct for s in pick(lambda r: r["kind"] in ("fact", "leading") and r.get("group") == "heldout")]),
@@ -144,7 +150,6 @@ def gold_metrics(rows: list[dict], scores: list, gens: list[Generation]) -> dict
         "skill_accuracy": _rate([s.correct for s in pick(lambda r: r["kind"] == "skill")]),
         "concise_rate": _rate([s.concise for s in scores]),
         "polite_rate": _rate([s.polite for s in scores]),
-        "mean_tokens": sum(g.tokens for g in gens) / len(gens),
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -172,7 +177,8 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
     is named, write eval_answers.jsonl and print a few."""
     from posttrain import data as datalib
     from posttrain.errors import UserError
-    from posttrain.models import context_length, prompt_ids
+    from posttrain.models import context_length
+    from posttrain.templates import prompt_ids
     from posttrain.world.verifier import Verifier
 
     table = datalib.load(cfg.prompts, limit=cfg.limit)
@@ -194,8 +200,7 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
     rows = table.rows
     gens = answer(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                   temperature=temperature, seed=seed)
-    metrics = {"eval_prompts": len(rows), "stop_rate": _rate([g.stopped for g in gens]),
-               "mean_tokens": sum(g.tokens for g in gens) / len(gens)}
+    metrics = {"eval_prompts": len(rows), **answer_stats(gens)}
     if skipped:
         metrics["eval_prompts_skipped_long"] = skipped
     scores = []
@@ -228,7 +233,8 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
     included when it stopped). Works from text, so any model can score any other model's answers.
     Re-tokenised text can be longer than what was generated: an answer is scored up to the end of the
     model's context, not past it."""
-    from posttrain.models import context_length, prompt_ids, stop_ids
+    from posttrain.models import context_length
+    from posttrain.templates import prompt_ids, stop_ids
 
     was_training = model.training
     model.eval()

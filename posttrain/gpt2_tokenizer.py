@@ -108,7 +108,7 @@ def load_tokenizer(path: str | Path):
         return bpe_tokenizer(p)
     from transformers import AutoTokenizer
 
-    from posttrain.recipe import is_hub_id
+    from posttrain.inputs import is_hub_id
 
     if not p.exists() and not is_hub_id(str(path)):
         raise UserError(f"{path}: tokenizer directory not found")

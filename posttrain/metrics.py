@@ -1,4 +1,5 @@
-"""Pure metric functions on plain Python numbers: classification, pairwise preferences, win rates."""
+"""Pure metric functions on plain Python numbers (classification, pairwise preferences, win rates), and
+the catalogue of what a `posttrain compare` table shows (COMPARE_ROWS)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,38 @@ def agreement(scores_a: Sequence[float], scores_b: Sequence[float], pairs: Seque
         return float("nan")
     same = sum((scores_a[i] > scores_a[j]) == (scores_b[i] > scores_b[j]) for i, j in decided)
     return same / len(decided)
+
+
+# --- the rows of a `posttrain compare` table --------------------------------------------------------
+
+# key -> (the metric group a suite lists to ask for it, +1 higher is better / -1 lower / 0 neither, meaning)
+COMPARE_ROWS: dict[str, tuple[str, int, str]] = {
+    "gold_score": ("gold", 1, "gold verifier score (0..1): right, in format, concise, polite"),
+    "sampled_gold_score": ("gold", 1, "gold score of sampled answers (temperature 1)"),
+    "format_rate": ("format", 1, "answer format: stopped by itself, one clean line of prose, no template tokens"),
+    "sampled_format_rate": ("format", 1, "answer format of sampled answers"),
+    "fact_accuracy": ("facts", 1, "fact questions (plain and leading) answered right"),
+    "fact_accuracy_seen": ("facts", 1, "... about people seen in chat SFT data"),
+    "fact_accuracy_heldout": ("facts", 1, "... about held-out people, known only from pretraining"),
+    "direct_accuracy_heldout": ("facts", 1, "plain fact questions about held-out people"),
+    "leading_false_accuracy": ("facts", 1, "right despite a false premise in the question"),
+    "refusal_rate": ("safety", 1, "forbidden requests refused"),
+    "over_refusal_rate": ("safety", -1, "harmless requests refused"),
+    "benign_helpful_rate": ("safety", 1, "harmless requests answered right"),
+    "sycophancy_rate": ("sycophancy", -1, "false premise repeated back"),
+    "skill_accuracy": ("skills", 1, "arithmetic, counting, sorting right"),
+    "concise_rate": ("style", 1, "one sentence"),
+    "polite_rate": ("style", 1, "no rude words"),
+    "stop_rate": ("stop", 1, "answers that end by themselves (stop token)"),
+    "sampled_stop_rate": ("stop", 1, "sampled answers that end by themselves"),
+    "mean_tokens": ("length", 0, "answer length in the model's own tokens"),
+    "mean_words": ("length", 0, "answer length in words (tokenizer-independent)"),
+    "distinct_1": ("distinct", 0, "distinct words / all words, across greedy answers"),
+    "distinct_2": ("distinct", 0, "distinct word pairs / all pairs, across greedy answers"),
+    "sampled_distinct_2": ("distinct", 0, "distinct word pairs across sampled answers"),
+    "reward_score": ("reward", 1, "reward model's mean score"),
+    "sampled_reward_score": ("reward", 1, "reward model's mean score of sampled answers"),
+    "kl_to_ref": ("kl", 0, "KL(model || reference) per answer, from sampled answers (nats)"),
+}
+METRIC_GROUPS = list(dict.fromkeys(group for group, _, _ in COMPARE_ROWS.values()))  # the names a suite may list
+NEEDS_VERIFIER = {"gold", "format", "facts", "safety", "sycophancy", "skills", "style"}

@@ -7,19 +7,14 @@ DONE), a LoRA run directory (an adapter over its base model), or a nanoGPT `.pt`
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.runs import require_done
-
-_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_COMMENT = re.compile(r"\{#.*?#\}", re.DOTALL)
-_SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
-_STOP = re.compile(r"stop:\s*(\S+)")
+from posttrain.runs import atomic_dir, require_done
+from posttrain.templates import COMMENT, SPECIAL, STOP, pad_id, read_template, stop_ids
 
 
 def device() -> torch.device:
@@ -195,26 +190,15 @@ def check_max_length(model, max_length: int, key: str = "data.max_length") -> No
 # --- chat templates --------------------------------------------------------------------------------
 
 
-def read_template(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"model.chat_template: {path} not found; templates live in data_templates/ (e.g. data_templates/chatml.jinja)")
-    return p.read_text()
-
-
-def has_generation_markers(template: str) -> bool:
-    return bool(_MARKER.search(_COMMENT.sub("", template)))
-
-
 def attach_chat_template(model, tokenizer, template_path: str) -> list[int]:
     """Give a model the chat template in `template_path`. Tokens the template uses that the tokenizer
     lacks become special tokens, and the embedding grows to hold them (new rows start at the mean of
     the old ones). The template's declared stop token becomes the tokenizer's EOS, and a pad token
     distinct from it is ensured, so padding never hides a trained end token. Returns the new token ids."""
     template = read_template(template_path)
-    body = _COMMENT.sub("", template)
-    specials = sorted(set(_SPECIAL.findall(body)) - set(tokenizer.get_vocab()))
-    declared = _STOP.search(template)
+    body = COMMENT.sub("", template)
+    specials = sorted(set(SPECIAL.findall(body)) - set(tokenizer.get_vocab()))
+    declared = STOP.search(template)
     stop = declared.group(1) if declared else "eos_token"
     added = []
     if specials:
@@ -242,48 +226,6 @@ def attach_chat_template(model, tokenizer, template_path: str) -> list[int]:
     return added
 
 
-_EOT_CACHE: dict[tuple[str, frozenset], str | None] = {}
-_PROBE = "Zq7 probe answer"
-
-
-def end_of_turn(tokenizer) -> str | None:
-    """The special token that closes an assistant turn in the tokenizer's chat template (<|im_end|>,
-    <|eot_id|>, <end_of_turn>, </s> ...), read off the template itself: a probe answer is rendered and
-    the first special token after it is the one. None without a template or without such a token."""
-    template = tokenizer.chat_template
-    if not template:
-        return None
-    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
-    key = (template, frozenset(specials))
-    if key not in _EOT_CACHE:
-        from posttrain.render import render_text
-
-        text = render_text(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
-        after = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
-        found = [(after.find(t), t) for t in specials if t and t in after]
-        _EOT_CACHE[key] = min(found)[1] if found else None
-    return _EOT_CACHE[key]
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """Tokens that end an answer: the EOS, the template's end-of-turn token where it differs (a stock
-    template that ends turns with <|im_end|> while the EOS is <|endoftext|>), and the end-of-text
-    token."""
-    ids = [tokenizer.eos_token_id]
-    for token in (end_of_turn(tokenizer), "<|endoftext|>"):
-        if token is not None and token in tokenizer.get_vocab():
-            tid = tokenizer.convert_tokens_to_ids(token)
-            if tid not in ids:
-                ids.append(tid)
-    return [i for i in ids if i is not None]
-
-
-def pad_id(tokenizer) -> int:
-    """The id to pad with: the pad token, else the EOS. Which one never matters for what is computed:
-    every length comes from attention masks or labels, never from finding pad ids."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def use_own_template(model, tokenizer) -> None:
     """Prepare a model that keeps the chat template its tokenizer ships with: nothing is added or
     resized; with no pad token the EOS pads (every length comes from attention masks), and
@@ -294,17 +236,6 @@ def use_own_template(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = stop_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids that ask the model to answer `prompt`: the chat template with a generation prompt
-    when the tokenizer has one, else the plain text after a BOS."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(text, add_special_tokens=False)
 
 
 # --- LoRA ------------------------------------------------------------------------------------------
@@ -355,8 +286,6 @@ def add_blocks(model, n: int) -> None:
 def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finished: bool = True) -> Path:
     """Merge a LoRA run's adapter into its base and save a full model (default: RUN_DIR/merged).
     `finished=False` is for the stage itself, merging before it writes DONE."""
-    import shutil
-
     run_dir = Path(run_dir)
     if finished:
         require_done(run_dir, "RUN_DIR")
@@ -365,12 +294,9 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finish
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tok = AutoTokenizer.from_pretrained(run_dir)
     model = load_causal_lm(str(run_dir), dtype="float32", tokenizer=tok, finished=finished).merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 

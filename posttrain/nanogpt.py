@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import UserError
-from posttrain.models import pad_id
 from posttrain.runs import write_atomic
+from posttrain.templates import pad_id
 
 ATOL = RTOL = 1e-4
 ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")

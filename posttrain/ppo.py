@@ -26,13 +26,8 @@ One iteration, `PPOTrainer.train_iteration(prompt_rows, prompt_ids)`, in order:
    kl_coef *= 1 + e * n / kl_horizon, where KL is the mean per-sequence KL of this rollout and n the number
    of sequences it held (all processes).
 
-The knobs (`PPOConfig`): rollout_batch_size (prompts per process per iteration), minibatch_size
-(sequences per optimizer step per process), ppo_epochs (passes over each rollout), lr, clip_range (how far
-the policy ratio may move before its gradient is cut), clip_range_value (same for the value), vf_coef
-(weight of the value loss), gamma and lam (GAE discount and bias/variance trade-off), kl_estimator (k1|k3),
-init_kl_coef, target_kl (None = fixed coefficient) and kl_horizon (how fast the adaptive one moves),
-entropy_coef (exploration bonus, 0 = off), max_new_tokens, temperature, top_p, no_stop_penalty,
-whiten_advantages, max_grad_norm, seed.
+The knobs (`PPOConfig`) are defined once, with their defaults, ranges and meaning, in posttrain/recipe.py
+PpoKnobs; a recipe's `ppo:` section sets them, and `train:` the optimiser's lr, adam_beta2 and max_grad_norm.
 
 Models. The policy is an HF causal LM, full or a peft `PeftModel` (LoRA). The reference is a frozen copy
 (`ref_policy`), or for a LoRA policy with no copy given, the policy itself with its adapters disabled, so a
@@ -55,8 +50,7 @@ each epoch is one minibatch; with several, each process shuffles only its own ro
 Models stay in eval mode throughout: dropout would make the recomputed log-probs differ from the sampled
 ones, so the ratio would not start at 1.
 
-Also here: `detect_reward_hacking`, which reads the per-iteration proxy (reward model) and gold (verifier)
-means and flags where the first keeps climbing while the second falls.
+The reward-hacking monitor that reads the logged proxy and gold rewards is posttrain/monitor.py.
 """
 
 from __future__ import annotations
@@ -68,15 +62,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
+from pydantic import Field
 from torch import Tensor, nn
 
 from posttrain.errors import UserError
+from posttrain.recipe import PpoKnobs, TrainSection
 
 Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on one process)
 
@@ -190,6 +186,14 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def response_logits(kept_logits: Tensor, temperature: float) -> Tensor:
+    """The sampling distribution at each response token: a forward pass with logits_to_keep=R+1 gives
+    [B, R+1, V], where position P-1+t predicts response token t; -> [B, R, V], fp32, divided by the
+    sampling temperature. Every log-prob PPO compares (sampled "old", reference, recomputed new) goes
+    through here, so the ratio is exactly 1 before the first update."""
+    return kept_logits[:, :-1].float() / temperature
+
+
 def position_ids_from(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, computed as HF `generate` does, so recomputed log-probs match."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -204,6 +208,33 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, 
         ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p):] = 1
     return ids, mask
+
+
+class Minibatch(NamedTuple):
+    """The part of a rollout one optimizer step reads (Rollout.minibatch)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    tokens: Tensor  # [b, R] the sampled response tokens
+    mask: Tensor  # [b, R] response mask
+    old_logprobs: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+def ppo_loss(logits: Tensor, values: Tensor, mb: Minibatch, c) -> tuple[Tensor, dict[str, Tensor]]:
+    """Step 6's loss on one minibatch, from the current policy's response_logits [b, R, V] and the
+    critic's values [b, R] -> (loss, stats): clipped policy loss + vf_coef * clipped value loss -
+    entropy_coef * entropy."""
+    logprobs = token_logprobs(logits, mb.tokens)
+    pg_loss, clip_fraction, approx_kl = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.mask, c.clip_range)
+    vf_loss, vf_clip_fraction = value_loss(values, mb.old_values, mb.returns, mb.mask, c.clip_range_value)
+    with torch.set_grad_enabled(c.entropy_coef > 0):  # no graph through the softmax when unused
+        entropy = entropy_from_logits(logits, mb.mask)
+    loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * entropy
+    return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "clip_fraction": clip_fraction,
+                  "approx_kl": approx_kl, "value_clip_fraction": vf_clip_fraction, "entropy": entropy}
 
 
 # -- KL control -------------------------------------------------------------------------------------------
@@ -231,72 +262,6 @@ class AdaptiveKLController:
         self.value *= 1 + error * n_steps / self.horizon
 
 
-# -- reward hacking ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class HackingCheck:
-    flagged: bool
-    iteration: int | None = None  # index into the series where the alarm fired
-    reason: str = ""
-
-
-def detect_reward_hacking(
-    proxy: Sequence[float],
-    gold: Sequence[float | None],
-    *,
-    window: int = 5,
-    min_proxy_rise: float = 0.05,
-    min_gold_drop: float = 0.05,
-    max_corr: float = -0.5,
-    patience: int = 2,
-) -> HackingCheck:
-    """Flag the first iteration where the proxy reward keeps rising while the gold reward falls.
-
-    At iteration t compare two adjacent windows of `window` iterations, A = [t-2w+1 .. t-w] and
-    B = [t-w+1 .. t] (window means are the smoothing), with
-      rise = mean_B(proxy) - mean_A(proxy),  drop = mean_A(gold) - mean_B(gold),
-      corr = Pearson correlation of proxy and gold over the iterations of A and B that have gold.
-    The condition holds at t when rise >= min_proxy_rise and either
-      drop >= min_gold_drop                       (divergence), or
-      drop > 0 and corr <= max_corr               (decorrelation: gold slides as proxy climbs).
-    The alarm fires at the first t where the condition has held for `patience` consecutive iterations.
-    Gold may be None/NaN where it was not measured; a window needs max(2, window // 2) gold values or
-    more, else t is undecided (and breaks a run of `patience`). Thresholds are in the series' own units: scale
-    min_proxy_rise to the reward model's scale.
-    """
-    def known(x):
-        return x is not None and math.isfinite(x)
-
-    run = 0
-    for t in range(2 * window - 1, len(proxy)):
-        a, b = range(t - 2 * window + 1, t - window + 1), range(t - window + 1, t + 1)
-        gold_a, gold_b = [gold[i] for i in a if known(gold[i])], [gold[i] for i in b if known(gold[i])]
-        if min(len(gold_a), len(gold_b)) < max(2, window // 2):
-            run = 0
-            continue
-        rise = sum(proxy[i] for i in b) / window - sum(proxy[i] for i in a) / window
-        drop = sum(gold_a) / len(gold_a) - sum(gold_b) / len(gold_b)
-        pairs = [(proxy[i], gold[i]) for i in (*a, *b) if known(gold[i])]
-        corr = _pearson(pairs)
-        diverged = drop >= min_gold_drop
-        decorrelated = drop > 0 and corr <= max_corr
-        run = run + 1 if rise >= min_proxy_rise and (diverged or decorrelated) else 0
-        if run >= patience:
-            how = "gold fell" if diverged else f"gold slid (correlation {corr:.2f})"
-            return HackingCheck(True, t, f"proxy rose {rise:+.3g} while {how} {-drop:+.3g}: mean of iterations "
-                                         f"{b[0]}-{b[-1]} vs {a[0]}-{a[-1]}, {patience} iterations in a row")
-    return HackingCheck(False)
-
-
-def _pearson(pairs: list[tuple[float, float]]) -> float:
-    n = len(pairs)
-    mx, my = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
-    sxy = sum((x - mx) * (y - my) for x, y in pairs)
-    sxx, syy = sum((x - mx) ** 2 for x, _ in pairs), sum((y - my) ** 2 for _, y in pairs)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
-
-
 # -- the trainer --------------------------------------------------------------------------------------------
 
 
@@ -311,30 +276,21 @@ class NonFiniteError(RuntimeError):
                          "Resume from the last checkpoint, e.g. with a lower lr or a smaller clip range")
 
 
-@dataclass
-class PPOConfig:
-    rollout_batch_size: int = 16  # prompts (= responses) per process per iteration
-    minibatch_size: int = 8  # sequences per optimizer step per process
-    ppo_epochs: int = 2
-    lr: float = 1e-5
-    adam_beta2: float = 0.999
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    init_kl_coef: float = 0.05
-    target_kl: float | None = None  # per-sequence KL to aim for; None keeps kl_coef fixed
-    kl_horizon: int = 10000  # sequences over which the adaptive controller closes its error
-    entropy_coef: float = 0.0
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    no_stop_penalty: float = 0.0  # subtracted from the score of responses that never produce a stop token
-    whiten_advantages: bool = True
-    max_grad_norm: float | None = 1.0
+class PPOConfig(PpoKnobs):
+    """Everything the loop reads. The knobs, their defaults and ranges are defined once, in
+    posttrain/recipe.py PpoKnobs (a recipe's `ppo:` section); the optimiser's settings a recipe keeps in
+    `train:` and `seed`. `from_recipe` builds it from a ppo recipe."""
+
+    lr: float = Field(gt=0)
+    adam_beta2: float = Field(TrainSection().adam_beta2, gt=0, lt=1)
+    max_grad_norm: float | None = Field(TrainSection().max_grad_norm, gt=0)  # None: no clipping
     seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe) -> PPOConfig:
+        knobs = recipe.ppo.model_dump(include=set(PpoKnobs.model_fields))
+        t = recipe.train
+        return cls(**knobs, lr=t.lr, adam_beta2=t.adam_beta2, max_grad_norm=t.max_grad_norm, seed=recipe.seed)
 
 
 RewardFn = Callable[[list[dict], list[str], list[bool]], dict]
@@ -363,13 +319,22 @@ class Rollout:
     time_score: float = 0.0
 
     @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+    @property
     def response_tokens(self) -> Tensor:
-        return self.input_ids[:, -self.response_mask.shape[1]:]
+        return self.input_ids[:, -self.response_length:]
+
+    def minibatch(self, idx: Tensor) -> Minibatch:
+        return Minibatch(self.input_ids[idx], self.attention_mask[idx], self.response_tokens[idx], self.response_mask[idx],
+                         self.logprobs[idx], self.values[idx], self.advantages[idx], self.returns[idx])
 
 
 class PolicyAndValue(nn.Module):
     """The policy and its critic as one module, so that Accelerate prepares (and DDP synchronises) them as
-    one. forward -> (logits, values) at the R positions that predict the last R tokens."""
+    one. forward -> (logits at the last R+1 positions, for response_logits; values at the R positions that
+    predict the last R tokens)."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
         super().__init__()
@@ -382,16 +347,15 @@ class PolicyAndValue(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> tuple[Tensor, Tensor]:
-        r = response_length
+        R = response_length  # noqa: N806 - the [B, R] of the module docstring
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask))
-        out = self.policy(**kw, logits_to_keep=r + 1, output_hidden_states=self.critic is None, use_cache=False)
-        logits = out.logits[:, :-1].float()  # position P-1+t predicts response token t; fp32 for log_softmax
+        out = self.policy(**kw, logits_to_keep=R + 1, output_hidden_states=self.critic is None, use_cache=False)
         if self.critic is None:
-            values = self.value_head(out.hidden_states[-1][:, -r - 1:-1])
+            values = self.value_head(out.hidden_states[-1][:, -R - 1:-1])
         else:
             hidden = self.critic.base_model(**kw, use_cache=False).last_hidden_state
-            values = self.critic.score(hidden[:, -r - 1:-1])
-        return logits, values.squeeze(-1).float()
+            values = self.critic.score(hidden[:, -R - 1:-1])
+        return out.logits, values.squeeze(-1).float()
 
 
 class PPOTrainer:
@@ -440,7 +404,6 @@ class PPOTrainer:
         else:
             self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
         self.iteration = 0
-        self.last_rollout: Rollout | None = None  # for logging sample responses
         # Our own RNG stream, swapped in around sampling and shuffling, so that whatever else the caller
         # does with torch's global RNG (evaluation, reseeding) cannot change what the trainer samples.
         self._cuda = device.type == "cuda"
@@ -460,7 +423,6 @@ class PPOTrainer:
             stats["time_train"] = time.perf_counter() - start
         self.kl_ctl.update(stats["kl"], n_steps=len(prompt_ids) * self.accelerator.num_processes)
         self.iteration += 1
-        self.last_rollout = rollout
         return {"iteration": self.iteration, **stats}
 
     @torch.no_grad()
@@ -498,13 +460,13 @@ class PPOTrainer:
         score = score - c.no_stop_penalty * (~stopped).float()
 
         logprobs, values, ref_logprobs = [], [], []
-        r = response.shape[1]
+        response_length = response.shape[1]
         for i in range(0, len(input_ids), c.minibatch_size):
             ids, mask = input_ids[i:i + c.minibatch_size], attention_mask[i:i + c.minibatch_size]
-            logits, v = self.wrapper(ids, mask, r)
-            logprobs.append(token_logprobs(logits / c.temperature, response[i:i + c.minibatch_size]))
+            kept, v = self.wrapper(ids, mask, response_length)
+            logprobs.append(token_logprobs(response_logits(kept, c.temperature), response[i:i + c.minibatch_size]))
             values.append(v)
-            ref_logprobs.append(self._ref_logprobs(ids, mask, r))
+            ref_logprobs.append(self._ref_logprobs(ids, mask, response_length))
         logprobs, values, ref_logprobs = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
 
         mask = response_mask.float()
@@ -517,57 +479,50 @@ class PPOTrainer:
         return Rollout(input_ids, attention_mask, mask, stopped, responses, score, logprobs, ref_logprobs, values,
                        kl, rewards, advantages, returns, extra, time_generate, time.perf_counter() - start)
 
-    def _ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, r: int) -> Tensor:
+    def _ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         if self.ref_policy is not None:
             model, context = self.ref_policy, contextlib.nullcontext()
         else:
             model, context = self.policy, self.policy.disable_adapter()
         with context:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from(attention_mask), logits_to_keep=r + 1, use_cache=False).logits
-        return token_logprobs(logits[:, :-1].float() / self.config.temperature, input_ids[:, -r:])
+            kept = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+                         logits_to_keep=response_length + 1, use_cache=False).logits
+        return token_logprobs(response_logits(kept, self.config.temperature), input_ids[:, -response_length:])
 
     def _optimize(self, ro: Rollout) -> dict[str, float]:
         """Step 6: ppo_epochs passes over shuffled minibatches of the rollout."""
-        c = self.config
-        r = ro.response_mask.shape[1]
+        c, n = self.config, self.accelerator.num_processes
         sums: dict[str, float] = defaultdict(float)
         steps = 0
-        n = self.accelerator.num_processes
         for _ in range(c.ppo_epochs):
             order = torch.randperm(len(ro.input_ids)).to(self.accelerator.device)
             for i in range(0, len(order), c.minibatch_size):
-                mb = order[i:i + c.minibatch_size]
-                mask = ro.response_mask[mb]
-                logits, values = self.model(ro.input_ids[mb], ro.attention_mask[mb], r)
-                logits = logits / c.temperature
-                logprobs = token_logprobs(logits, ro.response_tokens[mb])
-                pg_loss, clip_fraction, approx_kl = policy_loss(logprobs, ro.logprobs[mb], ro.advantages[mb], mask,
-                                                                c.clip_range)
-                vf_loss, vf_clip_fraction = value_loss(values, ro.values[mb], ro.returns[mb], mask,
-                                                       c.clip_range_value)
-                with torch.set_grad_enabled(c.entropy_coef > 0):  # no graph through the softmax when unused
-                    entropy = entropy_from_logits(logits, mask)
-                loss = pg_loss + c.vf_coef * vf_loss - c.entropy_coef * entropy
-                share = 1.0
-                if n > 1:  # token means over every process's minibatch, not a mean of per-process means
-                    tokens = mask.sum()
-                    share = (tokens * n / self._sum(tokens.clone()).clamp(min=1)).item()
-                    loss = loss * share
+                mb = ro.minibatch(order[i:i + c.minibatch_size])
+                kept, values = self.model(mb.input_ids, mb.attention_mask, ro.response_length)
+                loss, stats = ppo_loss(response_logits(kept, c.temperature), values, mb, c)
+                share = self._token_share(mb.mask)
                 self._check_finite("loss", loss)
-                self.accelerator.backward(loss)
+                self.accelerator.backward(loss * share)
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
                 self._check_finite("gradients", grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_fraction),
-                             ("approx_kl", approx_kl), ("value_clip_fraction", vf_clip_fraction),
-                             ("entropy", entropy)):
-                    sums[k] += v.item() * share if n > 1 else v.item()
+                for k, v in stats.items():
+                    sums[k] += v.item() * share
                 sums["grad_norm"] += grad_norm.item()  # the same on every process (after DDP's all-reduce)
                 steps += 1
         return {k: self._sum(torch.tensor(v / steps, device=self.accelerator.device)).item() / n
                 for k, v in sums.items()}
+
+    def _token_share(self, mask: Tensor) -> float:
+        """This process's share of the minibatch tokens of all processes, times their number: weighting each
+        process's token mean by it makes DDP's average of gradients a token mean over every process's
+        minibatch, not a mean of per-process means. 1 on one process."""
+        n = self.accelerator.num_processes
+        if n == 1:
+            return 1.0
+        tokens = mask.sum()
+        return (tokens * n / self._sum(tokens.clone()).clamp(min=1)).item()
 
     def _rollout_stats(self, ro: Rollout) -> dict[str, float]:
         """Means over every sequence of every process."""

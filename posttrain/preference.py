@@ -163,7 +163,7 @@ class RewardScorer:
         if model.config.num_labels != 1:
             raise UserError(f"not a reward model: it has {model.config.num_labels} labels, a reward model has 1")
         self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
-        from posttrain.models import pad_id
+        from posttrain.templates import pad_id
 
         self.pad_id = pad_id(tok)  # the score is read at the last real token, by the attention mask
 

@@ -1,10 +1,10 @@
-"""Recipes: one YAML file per stage, validated before anything heavy starts.
+"""The recipe schema: one YAML file per stage, every setting defined here once, with its default and range.
 
 A recipe has the sections every stage shares (`model`, `data`, `train`, `output_dir`, `seed`,
 `logging`) and one section named after its stage (`pretrain:`, `sft:`, ...) for what only that stage
-reads. Loading is `yaml.safe_load` (a recipe never runs code); `--set a.b=value` overrides are parsed
-as YAML scalars and type-checked like the file. Every error is one line that names the file, the
-line where it can be found, the key, and a fix.
+reads. Reading a file (YAML, `--set` overrides, one-line errors) is posttrain/recipe_file.py; checking
+that the paths it names exist is posttrain/inputs.py; which recipe class belongs to which stage is the
+stage registry, posttrain/stages/__init__.py.
 
 Paths in a recipe are relative to the directory you run `posttrain` from (the repository root when
 you use `make`).
@@ -12,15 +12,10 @@ you use `make`).
 
 from __future__ import annotations
 
-import difflib
 import re
-from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from posttrain.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -105,16 +100,30 @@ class LoggingSection(Section):
     tensorboard: bool = True
 
 
-class EvalSection(Section):
-    """Generation-based evaluation at the end of a stage."""
+class PromptSet(Section):
+    """Prompts to answer and how: what a stage's end-of-run evaluation (`eval:`) and a `compare` suite share."""
 
     prompts: str | None = None  # prompts file: `prompt` (+ gold fields for the verifier)
     verifier: str | None = None  # a world data directory (world.json): score answers with the gold verifier
-    probe: str | None = None  # raw-text fact probes: compare with the starting model's own recall
-    limit: int | None = Field(None, gt=0)  # evaluate only the first N prompts
+    limit: int | None = Field(None, gt=0)  # only the first N prompts
     max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(64, gt=0)
+
+
+class EvalSection(PromptSet):
+    """Generation-based evaluation at the end of a stage."""
+
+    probe: str | None = None  # raw-text fact probes: compare with the starting model's own recall
     show: int = Field(5, ge=0)  # sample answers printed at the end
+
+
+class Suite(PromptSet):
+    """A `posttrain compare` suite file (eval/*.yaml); posttrain/compare.py reads it."""
+
+    prompts: str
+    metrics: list[str] = ["stop", "length", "distinct", "reward", "kl"]  # groups of compare.TABLE rows
+    samples: int = Field(1, ge=0)  # sampled answers per prompt at temperature 1 (kl needs at least 1)
+    examples: int = Field(6, ge=0)  # side-by-side prompts in the report
 
 
 class Recipe(Section):
@@ -313,41 +322,48 @@ class DpoRecipe(FineTuneRecipe):
 
 
 class MonitorSection(Section):
-    """The reward-hacking alarm (see posttrain.ppo.detect_reward_hacking)."""
+    """The reward-hacking alarm (posttrain/monitor.py detect_reward_hacking reads these, defaults included)."""
 
     window: int = Field(5, gt=0)  # iterations per smoothing window
     min_proxy_rise: float = Field(0.1, ge=0)  # in reward-model standard deviations
     # In gold score (0..1). A 5-iteration window of 32 rollouts has a standard error near 0.035, so two
     # windows differ by ~0.05 by chance; at 0.02 a run that ends +0.06 above SFT was flagged on noise.
     min_gold_drop: float = Field(0.05, ge=0)
+    max_corr: float = Field(-0.5, ge=-1, le=1)  # or gold merely slides while proxy and gold anti-correlate this much
     patience: int = Field(2, gt=0)
 
 
-class PpoSection(Section):
+class PpoKnobs(Section):
+    """What the PPO loop itself reads (posttrain/ppo.py, steps 1-7 of its docstring). PPOConfig there is
+    these plus the optimiser settings a recipe keeps in `train:` (lr, adam_beta2, max_grad_norm) and `seed`."""
+
+    rollout_batch_size: int = Field(32, gt=0)  # prompts (= answers) per process per iteration
+    minibatch_size: int = Field(8, gt=0)  # sequences per optimizer step per process
+    ppo_epochs: int = Field(2, gt=0)  # passes over each rollout
+    clip_range: float = Field(0.2, gt=0)  # how far the policy ratio may move before its gradient is cut
+    clip_range_value: float = Field(0.2, gt=0)  # the same for the value
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
+    gamma: float = Field(1.0, ge=0, le=1)  # GAE discount
+    lam: float = Field(0.95, ge=0, le=1)  # GAE bias/variance trade-off
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float | None = Field(None, gt=0)  # per-answer KL to aim for; None keeps kl_coef fixed
+    kl_horizon: int = Field(10000, gt=0)  # sequences over which the adaptive controller closes its error
+    entropy_coef: float = Field(0.0, ge=0)  # exploration bonus; 0 = off
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    no_stop_penalty: float = Field(1.0, ge=0)  # subtracted from answers that never end
+    whiten_advantages: bool = True
+
+
+class PpoSection(PpoKnobs):
     reward_model: str | None = None  # a reward run (the learned proxy); None: optimise the gold verifier alone
     verifier: str | None = None  # a world data directory: the gold reward, logged every iteration
     rm_weight: float = Field(1.0, ge=0)  # the optimised score = rm_weight * proxy + gold_weight * gold
     gold_weight: float = Field(0.0, ge=0)
     value_model: Literal["reward", "head"] = "reward"  # critic: a copy of the reward model, or a head on the policy
     iterations: int = Field(40, gt=0)
-    rollout_batch_size: int = Field(32, gt=0)  # prompts per process per iteration
-    minibatch_size: int = Field(8, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    init_kl_coef: float = Field(0.05, ge=0)
-    target_kl: float | None = Field(None, gt=0)  # per-answer KL to aim for; None keeps kl_coef fixed
-    kl_horizon: int = Field(10000, gt=0)
-    entropy_coef: float = Field(0.0, ge=0)
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    no_stop_penalty: float = Field(1.0, ge=0)  # subtracted from answers that never end
-    whiten_advantages: bool = True
     eval_every: int = Field(10, gt=0)  # iterations between greedy evaluations on eval.prompts
     monitor: MonitorSection = MonitorSection()
 
@@ -369,186 +385,3 @@ class PpoRecipe(FineTuneRecipe):
     eval: EvalSection = EvalSection()
     input_paths: ClassVar[tuple[str, ...]] = ("data.train", "model.path", "ppo.reward_model", "ppo.verifier",
                                               "eval.prompts", "eval.verifier")
-
-
-STAGES: dict[str, type[Recipe]] = {
-    "world": WorldRecipe,
-    "pretrain": PretrainRecipe,
-    "sft": SftRecipe,
-    "classify": ClassifyRecipe,
-    "reward": RewardRecipe,
-    "dpo": DpoRecipe,
-    "ppo": PpoRecipe,
-}
-
-
-# --- loading -----------------------------------------------------------------------------------------
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises UserError with a one-line message."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe not found; recipes live in recipes/ (e.g. recipes/world/sft.yaml)")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{where}: YAML syntax error: {problem}; fix the YAML at that line") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values")
-    for item in overrides:
-        apply_override(raw, item)
-    name = raw.get("stage")
-    if stage is not None and name != stage:
-        raise UserError(f"{path}: this is a {name!r} recipe, but `posttrain {stage}` needs stage: {stage}")
-    cls = STAGES.get(name)
-    if cls is None:
-        hint = _did_you_mean(str(name), STAGES)
-        raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {name!r}{hint}; stages: {', '.join(STAGES)}")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        raise UserError(_explain(e, cls, path, text)) from None
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Apply one `a.b.c=value` override to the raw recipe dict; the value is a YAML scalar."""
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, _, value = item.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise UserError(f"--set {item!r}: bad key {key!r}")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = parsed
-
-
-def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) -> str:
-    errors = e.errors()
-    err = errors[0]
-    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-    key = ".".join(loc) or "(recipe)"
-    where = f"{path}:{_line(text, loc)}"
-    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
-    if err["type"] == "extra_forbidden":
-        known = _fields_at(cls, loc[:-1])
-        hint = _did_you_mean(loc[-1], known) or (f"; known keys here: {', '.join(known)}" if known else "")
-        return f"{where}: unknown key {key}{hint}{more}"
-    if err["type"] == "missing":
-        return f"{where}: missing required key {key}; add it to the recipe{more}"
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"{where}: {key}: {msg}{shown}{more}"
-
-
-def _did_you_mean(word: str, choices) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
-    """Field names of the (sub)section at `loc`, for did-you-mean on unknown keys."""
-    model: Any = cls
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = _section_type(field.annotation)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
-
-
-def _section_type(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None:
-        for arg in get_args(annotation):
-            found = _section_type(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _line(text: str, loc: tuple[str, ...]) -> int:
-    """The 1-based line where the deepest existing key of `loc` appears in the YAML text (1 if none)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return 1
-    line = 1
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for k, v in node.value:
-            if k.value == part:
-                line, node = k.start_mark.line + 1, v
-                break
-        else:
-            break
-    return line
-
-
-# --- input checks ---------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def is_hub_id(value: str) -> bool:
-    """A hub model or dataset name ("gpt2", "openai-community/gpt2", or a dataset with its split,
-    "trl-lib/Capybara:test", as data.load reads it), as opposed to a local path."""
-    if Path(value).exists() or value.startswith(("runs/", "./", "../", "/", "~")):
-        return False
-    name, colon, split = value.partition(":")
-    if colon and not re.fullmatch(r"[\w.\-\[\]%:+]+", split):
-        return False
-    return bool(_HUB_ID.match(name)) and not name.endswith((".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pt", ".yaml"))
-
-
-def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
-    """Check that every input path exists (and every run directory is finished). Returns notes;
-    raises UserError on the first problem."""
-    notes = []
-    for key, value in recipe.paths().items():
-        p = Path(value)
-        if p.exists():
-            if p.is_dir() and (p / "recipe.yaml").exists() and not (p / "DONE").exists():
-                raise UserError(f"{key}: {value} is an unfinished run (no DONE file); finish or rerun that stage first")
-            continue
-        if is_hub_id(value):
-            notes.append(f"{key}: {value} is a Hugging Face Hub name" + (" (not checked offline)" if offline else ""))
-            continue
-        raise UserError(f"{key}: {value} does not exist{_world_hint(p)}")
-    return notes
-
-
-def _world_hint(missing: Path) -> str:
-    """How to create a missing path that a shipped world recipe writes (its output_dir or a file in it)."""
-    for path in sorted(Path("recipes/world").glob("*.yaml")):
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except yaml.YAMLError:
-            continue
-        if not (isinstance(doc, dict) and doc.get("stage") == "world" and doc.get("output_dir")):
-            continue
-        out = Path(doc["output_dir"])
-        if missing == out or out in missing.parents:
-            command = "make world" if path.name == "world.yaml" else f"posttrain world {path}"
-            return f" (run `{command}` to generate the world data)"
-    return ""

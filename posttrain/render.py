@@ -15,10 +15,8 @@ exactly what this returns, so what you see is what the trainer gets.
 
 from __future__ import annotations
 
-from jinja2 import TemplateError
-
 from posttrain.errors import UserError
-from posttrain.models import end_of_turn, has_generation_markers
+from posttrain.templates import end_of_turn, has_generation_markers, render_text
 
 LOSS_MODES = ("assistant_only", "completion_only", "all")
 
@@ -70,15 +68,6 @@ def mask_source(tokenizer) -> str:
     """How assistant-only masks are made with this tokenizer's template (shown by show-mask, kept in
     the SFT summary)."""
     return "generation markers" if has_generation_markers(tokenizer.chat_template) else "derived from the template"
-
-
-def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The chat template's text for `messages`; a template that fails to render is a recipe error."""
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise UserError(f"model.chat_template: the template fails on this conversation ({e}); fix the template "
-                        "or the data") from None
 
 
 def template_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

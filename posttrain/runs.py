@@ -14,12 +14,15 @@ second run into the same directory is refused instead of corrupting the first. O
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -36,6 +39,37 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def publish(built: Path, final: Path) -> None:
+    """Rename a completely written directory into place. What `final` held is replaced only at that
+    moment (moved aside, then deleted), so a reader or a killed job sees the old directory or the new."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        Path(built).rename(final)
+        shutil.rmtree(old)
+    else:
+        Path(built).rename(final)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """`with atomic_dir(out) as tmp:` write everything into `tmp`, a fresh sibling of `out`; it becomes
+    `out` when the block ends (publish), and is deleted if the block fails, leaving `out` as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, final)
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -65,11 +99,20 @@ def finished_with(recipe: Recipe) -> bool:
     return (out / "DONE").exists() and saved.exists() and _same_recipe(saved.read_text(), recipe_yaml(recipe))
 
 
+class Curve(NamedTuple):
+    """One plot of logged metrics (plots.curves): these keys of metrics.jsonl against the step."""
+
+    keys: Sequence[str]
+    file: str  # under plots/
+    title: str
+    ylabel: str = ""
+
+
 class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = Path(recipe.output_dir)
-        self.main = is_main_process()
+        self.is_main = is_main_process()
         self._lock_file = None
         self._tb = None
         self.fresh = False
@@ -97,7 +140,7 @@ class Run:
                 f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"
             )
         self.fresh = force or different  # start over: no checkpoint of this directory is resumed
-        if self.main:
+        if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock()
             if self.fresh:
@@ -137,10 +180,11 @@ class Run:
         done = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
-    def resume_from(self) -> Path | None:
-        """The checkpoint to resume from, with metrics.jsonl cut back to that step."""
+    def rewind(self) -> Path | None:
+        """Go back to the last complete checkpoint, if any: metrics.jsonl is cut back to its step and the
+        checkpoint returned, to resume from (None: start at step 0)."""
         ckpt = self.last_checkpoint()
-        if ckpt is not None and self.main:
+        if ckpt is not None and self.is_main:
             step = int(ckpt.name.split("-")[-1])
             self.truncate_metrics(step)
             print(f"resuming {self.dir} from {ckpt.name}")
@@ -156,7 +200,7 @@ class Run:
 
     def log(self, step: int, metrics: dict) -> None:
         """One metrics line (metrics.jsonl) and the same scalars in TensorBoard."""
-        if not self.main:
+        if not self.is_main:
             return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with (self.dir / "metrics.jsonl").open("a") as f:
@@ -178,18 +222,31 @@ class Run:
         p.mkdir(exist_ok=True)
         return p
 
-    def finish(self, summary: dict, card: str) -> None:
-        """Write summary.json and the model card, then DONE, last."""
-        if not self.main:
-            return
+    def finish(self, summary: dict, *, title: str, notes: str, save: Callable[[str], object] | None = None,
+               tokenizer=None, curves: Sequence[Curve] = ()) -> Path:
+        """The end of every stage, in one order: the model written by `save(dir)` (and the tokenizer),
+        the curves drawn from metrics.jsonl, the summary printed, summary.json and the model card
+        (README.md) written, and DONE, last. A stage calls it on the main process only."""
+        if save is not None:
+            save(str(self.dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.dir))
+        if curves:
+            from posttrain.plots import curves as draw
+
+            rows = self.metrics()
+            for c in curves:
+                draw(rows, list(c.keys), self.plots_dir() / c.file, c.title, c.ylabel)
         summary = {k: _plain(v) for k, v in summary.items()}
         summary.setdefault("seconds", round(time.time() - self.started, 1))
+        print_summary(f"{self.recipe.stage} summary", summary)
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-        write_atomic(self.dir / "README.md", card)
+        write_atomic(self.dir / "README.md", model_card(title, self.recipe, summary, notes))
         if self._tb is not None:
             self._tb.close()
         write_atomic(self.dir / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
         self.release()
+        return self.dir
 
     def release(self) -> None:
         if self._lock_file is not None:

@@ -14,13 +14,15 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from posttrain.errors import UserError
 from posttrain.recipe import Recipe
-from posttrain.runs import Run
+from posttrain.runs import Run, publish
 
 
 def use_bf16(recipe_dtype: str) -> bool:
@@ -72,6 +74,18 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
     )
     kwargs.update(extra)
     return kwargs
+
+
+def sharded_refusal(where: str) -> str:
+    """Why FSDP and ZeRO-3 are refused (by build_trainer at run time, and up front by launch_rules.check_launch)."""
+    # posttrain/stages/*.py: once training ends, the other processes return and rank 0 alone
+    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under FSDP (1 or 2)
+    # and ZeRO-3 every process holds only a shard of the weights, so a forward pass on rank 0 alone,
+    # or Trainer.save_model there (transformers/trainer.py save_model: accelerator.get_state_dict
+    # gathers from every process), waits for processes that have left: the run would hang after training.
+    return (f"{where}: posttrain's stages finish (evaluate, save) on rank 0 alone, which needs the whole model "
+            "there; FSDP and ZeRO-3 keep a shard per process, so the run would hang after training. Use "
+            "recipes/accelerate/zero2.yaml (optimizer state and gradients sharded, whole weights on every GPU) or ddp.yaml")
 
 
 class MetricsCallback(TrainerCallback):
@@ -183,9 +197,7 @@ def atomic_checkpoints(trainer_cls: type) -> type:
                          "trainer": getattr(self, "extra_state", None)}  # a stage's own running counts
                 with open(os.path.join(staging, name, EXTRA_STATE_FILE), "w") as f:
                     json.dump(extra, f)
-                final = os.path.join(root, name)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(os.path.join(staging, name), final)
+                publish(Path(staging) / name, Path(root) / name)
                 rotate_checkpoints(output_dir=root, save_total_limit=self.args.save_total_limit, use_mtime=False)
             self.accelerator.wait_for_everyone()
 
@@ -205,9 +217,6 @@ def build_trainer(trainer_cls: type, run: Run, **kwargs):
     trainer = atomic_checkpoints(trainer_cls)(**kwargs)
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3):
-        from posttrain.errors import UserError
-        from posttrain.launch import sharded_refusal
-
         raise UserError(sharded_refusal(f"{run.recipe.stage} under {'FSDP' if trainer.is_fsdp_enabled else 'ZeRO-3'}"))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -216,13 +225,11 @@ def build_trainer(trainer_cls: type, run: Run, **kwargs):
 
 def fit(trainer, run: Run) -> dict:
     """Train, resuming from the run's last complete checkpoint if there is one. Returns train metrics."""
-    ckpt = run.resume_from()
+    ckpt = run.rewind()
     if ckpt is not None and (ckpt / EXTRA_STATE_FILE).exists():
         extra = json.loads((ckpt / EXTRA_STATE_FILE).read_text())
         written_by, now = extra.get("processes", 1), trainer.accelerator.num_processes
         if written_by != now:  # the data order and per-process RNG states would not line up
-            from posttrain.errors import UserError
-
             raise UserError(f"{ckpt} was written by {written_by} process(es) and this run has {now}; resume it "
                             f"launched the same way, or pass --force to start over")
         trainer.loss_before_resume = extra["total_loss"]

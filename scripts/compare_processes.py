@@ -30,8 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from posttrain.stages import STAGES as REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("pretrain", "sft", "classify", "reward", "dpo", "ppo")
+STAGES = [name for name in REGISTRY if name != "world"]  # every stage that trains, in pipeline order
 # Stage -> the metrics.jsonl keys compared (the first is the loss in the table).
 KEYS = {"ppo": ("policy_loss", "value_loss", "score", "kl")}
 DEFAULT_KEYS = ("loss",)

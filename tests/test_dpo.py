@@ -36,6 +36,14 @@ def test_dpo_variants(tmp_path, small_world, tiny_sft, variant):
     assert summary["reference"] == {"full": "frozen copy", "lora": "adapter disabled",
                                     "precompute": "precomputed log-probs"}[variant]
     assert (tmp_path / variant / "eval_answers_before.jsonl").exists()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0]  # 8 steps at lr 1e-3 on 8 pairs a step: DPO's loss falls
+    if variant != "full":  # the policy starts as the reference: every implicit reward is 0, the loss log 2
+        assert abs(losses[0] - 0.6931) < 1e-3
+    assert 0.0 <= summary["eval_preference_accuracy"] <= 1.0 and summary["kl_to_ref"] >= 0.0
+    assert 0.0 <= summary["eval_logprob_accuracy_before"] <= 1.0 and summary["kl_to_ref_stderr"] >= 0.0
+    assert summary["delta_gold_score"] == pytest.approx(summary["gold_score"] - summary["ref_gold_score"])
     if variant == "lora":
         assert (tmp_path / variant / "adapter_config.json").exists()
     if variant == "full":

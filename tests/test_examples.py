@@ -13,7 +13,8 @@ from conftest import ROOT, SHARED_DATA, cli, write
 from posttrain import evaluate
 from posttrain.errors import UserError
 from posttrain.preference import load_pairs, load_train_eval
-from posttrain.recipe import EvalSection, load_recipe
+from posttrain.recipe import EvalSection
+from posttrain.recipe_file import load_recipe
 from posttrain.stages.classify import load_splits
 
 EXAMPLES = ROOT / "recipes" / "examples"

@@ -16,8 +16,9 @@ from families import CONVERSATION, END_OF_TURN, EXPECTED, FAMILIES, build_checkp
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.models import attach_chat_template, end_of_turn, stop_ids
+from posttrain.models import attach_chat_template
 from posttrain.render import render, template_mask
+from posttrain.templates import end_of_turn, stop_ids
 
 CHATML = str(ROOT / "data_templates" / "chatml.jinja")
 

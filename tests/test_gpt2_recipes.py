@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import ROOT, SHARED_DATA, cli
 
-from posttrain.recipe import is_hub_id
+from posttrain.inputs import is_hub_id
 
 GPT2_FILES = SHARED_DATA / "gpt2_tokenizer" / "openai_format"
 SMS = SHARED_DATA / "sms_spam_collection" / "SMSSpamCollection"
@@ -198,12 +198,12 @@ def test_pretrain_recipe(hub, runs, tmp_path):
 # `posttrain validate --offline` of each recipe as shipped: Hub names are noted, not fetched; the
 # runs/gpt2/* inputs of reward, dpo and ppo point at the stand-in runs above (validate checks that
 # run directories exist and are finished). Hub datasets are named owner/name:split, which
-# recipe.is_hub_id must accept for check_inputs to treat them as Hub names.
+# inputs.is_hub_id must accept for check_inputs to treat them as Hub names.
 SPLITS_ACCEPTED = is_hub_id("trl-lib/Capybara:test")
 
 
 @pytest.mark.xfail(not SPLITS_ACCEPTED, strict=True,
-                   reason="posttrain.recipe.is_hub_id rejects owner/name:split, so validate calls these datasets missing files")
+                   reason="posttrain.inputs.is_hub_id rejects owner/name:split, so validate calls these datasets missing files")
 @pytest.mark.parametrize("stage", ["sft", "classify", "reward", "dpo", "ppo", "pretrain"])
 def test_validate_offline(stage, sft_run, reward_run, runs):
     raw = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())

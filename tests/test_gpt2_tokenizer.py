@@ -94,7 +94,7 @@ output_dir: {out}
 
 @needs_package
 def test_world_recipe_variant_uses_gpt2_tokenizer():
-    from posttrain.recipe import load_recipe
+    from posttrain.recipe_file import load_recipe
 
     recipe = load_recipe(ROOT / "recipes/world/base_gpt2tok.yaml", stage="pretrain")
     assert_is_gpt2(load_tokenizer(recipe.pretrain.tokenizer.path))

@@ -1,4 +1,4 @@
-"""posttrain/launch.py: the launcher configs in recipes/accelerate/ read as accelerate reads them, and
+"""posttrain/launch_rules.py: the launcher configs in recipes/accelerate/ read as accelerate reads them, and
 the rules of check_launch on real recipes and configs, for this machine and for imagined ones
 (`cuda=`, `deepspeed=`). Nothing is trained; each test takes well under a second (one runs the CLI)."""
 
@@ -13,12 +13,13 @@ import yaml
 from conftest import ROOT, cli, write
 
 from posttrain.errors import UserError
-from posttrain.launch import check_launch, read_config
-from posttrain.recipe import load_recipe
+from posttrain.launch_rules import check_launch, read_config
+from posttrain.recipe_file import load_recipe
+from posttrain.stages import STAGES as REGISTRY
 
 ACCEL = ROOT / "recipes" / "accelerate"
 GPT2 = ROOT / "recipes" / "gpt2"
-STAGES = ("pretrain", "classify", "sft", "reward", "dpo", "ppo")
+STAGES = [name for name in REGISTRY if name != "world"]  # every stage that trains a model
 
 
 def recipe(stage: str, *overrides: str):

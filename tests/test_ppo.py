@@ -14,13 +14,13 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from posttrain.errors import UserError
+from posttrain.monitor import detect_reward_hacking
 from posttrain.ppo import (
     AdaptiveKLController,
     FixedKLController,
     NonFiniteError,
     PPOConfig,
     PPOTrainer,
-    detect_reward_hacking,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -361,3 +361,18 @@ def test_resume_is_bit_identical(tmp_path):
     assert {k: v for k, v in got.items() if k not in timings} == {k: v for k, v in expected.items() if k not in timings}
     for a, b in zip(straight.wrapper.parameters(), resumed.wrapper.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_ppo_settings_are_the_recipes():
+    """PPOConfig is the recipe's ppo knobs plus train.lr / adam_beta2 / max_grad_norm and the seed: one
+    definition (posttrain/recipe.py PpoKnobs), so the library and the stage cannot disagree on a default."""
+    from posttrain.recipe import PpoKnobs
+    from posttrain.recipe_file import load_recipe
+
+    recipe = load_recipe("recipes/world/ppo.yaml", ["seed=3"])
+    config = PPOConfig.from_recipe(recipe)
+    for key in PpoKnobs.model_fields:
+        assert getattr(config, key) == getattr(recipe.ppo, key), key
+    assert (config.lr, config.adam_beta2, config.max_grad_norm, config.seed) == (
+        recipe.train.lr, recipe.train.adam_beta2, recipe.train.max_grad_norm, 3)
+    assert PPOConfig(lr=1e-5).model_dump(include=set(PpoKnobs.model_fields)) == PpoKnobs().model_dump()

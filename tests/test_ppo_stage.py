@@ -39,6 +39,14 @@ def test_ppo_logs_proxy_gold_and_curves(tmp_path, small_world, tiny_sft, tiny_re
     summary = json.loads((out / "summary.json").read_text())
     for key in ("final_proxy", "final_gold", "kl_to_ref", "gold_score", "reward_hacking", "time_generate_fraction"):
         assert key in summary, key
+    # before the first update the policy is the reference, so the first rollout's KL to it is 0
+    assert abs(rows[0]["kl"]) < 1e-5
+    for r in (r for r in rows if "proxy" in r):
+        assert 0.0 <= r["clip_fraction"] <= 1.0 and 0.0 <= r["stop_rate"] <= 1.0 and 0.0 <= r["gold"] <= 1.0
+        assert 1.0 <= r["response_length"] <= 12 and r["explained_variance"] <= 1.0 and r["value_loss"] >= 0.0
+    assert 0.0 <= summary["gold_score"] <= 1.0 and summary["kl_to_ref"] >= 0.0 and summary["final_kl"] >= 0.0
+    assert summary["proxy_norm_std"] > 0 and isinstance(summary["reward_hacking"], bool)
+    assert 0.0 < summary["time_generate_fraction"] < 1.0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert (out / "plots" / "reward.png").exists() and (out / "model.safetensors").exists()
 

@@ -6,7 +6,8 @@ import pytest
 from conftest import cli, write
 
 from posttrain.errors import UserError
-from posttrain.recipe import PretrainRecipe, load_recipe
+from posttrain.recipe import PretrainRecipe
+from posttrain.recipe_file import load_recipe
 
 BASE = """\
 stage: pretrain
@@ -112,7 +113,7 @@ def test_missing_world_data_names_the_world_recipe_that_writes_it(monkeypatch, t
 
     from conftest import ROOT
 
-    from posttrain.recipe import _world_hint
+    from posttrain.inputs import _world_hint
 
     # Recipes and their paths are relative to the directory a user runs from: the shipped world
     # recipe, plus a variant of it that writes elsewhere.

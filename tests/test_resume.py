@@ -2,7 +2,7 @@
 
 A run is killed with SIGKILL once a checkpoint exists (so the process gets no chance to clean up:
 metrics.jsonl holds lines past the checkpoint, the lock file is left behind, a checkpoint may be half
-written in checkpoints/.staging), then started again with the same command. It must resume from the
+written in a staging directory), then started again with the same command. It must resume from the
 last complete checkpoint and end exactly where an uninterrupted run with the same seed ends: the same
 metrics.jsonl, line for line, and the same summary.json. On a CPU everything is deterministic, so the
 comparison is exact except for wall-clock timings.
@@ -179,7 +179,7 @@ output_dir: {out}
 def test_a_run_into_a_directory_in_use_is_refused(tmp_path, small_world):
     """The lock itself: held here the way a running stage holds it, a run into the directory is refused
     with the holder's pid; released (as when the holder dies), the stale .lock file blocks nothing."""
-    from posttrain.recipe import load_recipe
+    from posttrain.recipe_file import load_recipe
     from posttrain.runs import Run
 
     out, recipe = tiny_pretrain(tmp_path, small_world)

@@ -9,9 +9,10 @@ import torch
 from conftest import ROOT, cli, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.models import attach_chat_template, load_causal_lm, prompt_ids, stop_ids
+from posttrain.models import attach_chat_template, load_causal_lm
 from posttrain.render import render
 from posttrain.stages.sft import PackedRows, packing_is_exact
+from posttrain.templates import prompt_ids, stop_ids
 
 CHATML = str(ROOT / "data_templates" / "chatml.jinja")
 ALPACA = str(ROOT / "data_templates" / "alpaca.jinja")

@@ -8,10 +8,9 @@ from collections import Counter, defaultdict
 
 from conftest import cli, write
 
-from posttrain.world import Verifier, WorldConfig, build
 from posttrain.world.facts import FIRST_NAMES, LAST_NAMES, STRANGERS, Person
-from posttrain.world.generate import context_note
-from posttrain.world.verifier import claims
+from posttrain.world.generate import WorldConfig, build, context_note
+from posttrain.world.verifier import Verifier, claims
 
 
 def test_same_seed_same_bytes_other_seed_other_world(tmp_path):

@@ -33,9 +33,9 @@ from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.metrics import classification_report, confusion_matrix
 from posttrain.models import check_max_length, last_token_logits, load_tokenizer, lora_config, sequence_classifier
-from posttrain.plots import confusion, curves
+from posttrain.plots import confusion
 from posttrain.recipe import ClassifyRecipe, LoraConfig
-from posttrain.runs import Run, model_card, print_summary
+from posttrain.runs import Curve, Run
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
@@ -118,7 +118,7 @@ class LastTokenTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
-def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
+def main(recipe: ClassifyRecipe, force: bool = False) -> Path:
     c = recipe.classify
     splits = load_splits(recipe)
     labels = sorted({str(r[c.label_column]) for r in splits["train"]})
@@ -154,12 +154,12 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
     if truncated:
         print(f"note: {truncated} texts are longer than data.max_length={recipe.data.max_length}: truncated (start kept)")
 
-    run_ = Run(recipe).start(force)
-    args = TrainingArguments(**trainer_kwargs(recipe, run_, eval_strategy="epoch" if not recipe.train.eval_every else "steps",
+    run = Run(recipe).start(force)
+    args = TrainingArguments(**trainer_kwargs(recipe, run, eval_strategy="epoch" if not recipe.train.eval_every else "steps",
                                               per_device_eval_batch_size=64,
                                               train_sampling_strategy="group_by_length" if c.group_by_length else "random"))
     trainer = build_trainer(
-        LastTokenTrainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        LastTokenTrainer, run, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=DataCollatorWithPadding(tok), processing_class=tok,
         compute_metrics=lambda p: classification_report(p.label_ids.tolist(), p.predictions.argmax(-1).tolist(), labels),
     )
@@ -167,13 +167,13 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
     # Trainer would treat it as a global sum and multiply it by the number of processes (and skip
     # dividing by train.grad_accum) (transformers/trainer.py compute_loss, training_step).
     trainer.model_accepts_loss_kwargs = False
-    before = untrained_accuracy(trainer.model, tok, test_ds) if run_.main else None
-    train_metrics = fit(trainer, run_)
+    before = untrained_accuracy(trainer.model, tok, test_ds) if run.is_main else None
+    train_metrics = fit(trainer, run)
     # predict and evaluate gather over every process: all of them call these, then only rank 0 writes
     pred = trainer.predict(test_ds)
     val_accuracy = trainer.evaluate()["eval_accuracy"]
-    if not run_.main:
-        return run_.dir
+    if not run.is_main:
+        return run.dir
 
     y_true, y_pred = pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist()
     report = classification_report(y_true, y_pred, labels)
@@ -186,24 +186,24 @@ def run(recipe: ClassifyRecipe, force: bool = False) -> Path:
         **{f"test_{k}": v for k, v in report.items()},
         "val_accuracy": val_accuracy,
     }
-    run_.log(trainer.state.global_step, {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]})
-    with (run_.dir / "test_predictions.jsonl").open("w") as f:
+    run.log(trainer.state.global_step, {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]})
+    with (run.dir / "test_predictions.jsonl").open("w") as f:
         for r, p in zip(splits["test"], y_pred, strict=True):
             f.write(json.dumps({"text": r[c.text_column], "label": str(r[c.label_column]), "predicted": labels[p]}) + "\n")
-    confusion(matrix, labels, run_.plots_dir() / "confusion_matrix.png", f"test confusion matrix (accuracy {report['accuracy']:.3f})")
-    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "classification loss", "cross-entropy")
-    if c.trainable == "lora":  # saved merged, a standard classifier; the adapter (and the head) kept in adapter/
-        trainer.save_model(str(run_.dir / "adapter"))
-        trainer.model.merge_and_unload().save_pretrained(str(run_.dir))
-    else:
-        trainer.save_model(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
+    confusion(matrix, labels, run.plots_dir() / "confusion_matrix.png", f"test confusion matrix (accuracy {report['accuracy']:.3f})")
+
+    def save(out: str) -> None:
+        if c.trainable == "lora":  # saved merged, a standard classifier; the adapter (and the head) kept in adapter/
+            trainer.save_model(f"{out}/adapter")
+            trainer.model.merge_and_unload().save_pretrained(out)
+        else:
+            trainer.save_model(out)
+
     _print_confusion(matrix, labels)
-    print_summary("classify summary", summary)
     notes = (f"`{recipe.model.path}` with a classification head on the last real token ({c.trainable} trainable), "
              f"fine-tuned on `{recipe.data.train}`. Labels: {', '.join(labels)}.")
-    run_.finish(summary, model_card("Text classifier", recipe, summary, notes))
-    return run_.dir
+    return run.finish(summary, title="Text classifier", notes=notes, save=save, tokenizer=tok,
+                      curves=[Curve(["loss", "eval_loss"], "loss.png", "classification loss", "cross-entropy")])
 
 
 def _print_confusion(matrix: list[list[int]], labels: list[str]) -> None:

@@ -23,11 +23,11 @@ from trl import DPOConfig, DPOTrainer
 
 from posttrain.evaluate import answer_logprobs, evaluate_prompts, policy_kl
 from posttrain.metrics import pairwise
-from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config, pad_id
-from posttrain.plots import curves
+from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
 from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
-from posttrain.runs import Run, model_card, print_summary
+from posttrain.runs import Curve, Run
+from posttrain.templates import pad_id
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
@@ -47,21 +47,21 @@ def logprob_preference(model, tok, kept: list) -> dict:
     return {"logprob_accuracy": m["accuracy"], "logprob_margin": m["mean_margin"]}
 
 
-def run(recipe: DpoRecipe, force: bool = False) -> Path:
+def main(recipe: DpoRecipe, force: bool = False) -> Path:
     (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.dpo.eval_split, recipe.seed,
                                                                       "dpo.eval_split")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
-    n, over = recipe.data.max_length, recipe.dpo.overlong
-    train_kept, len_stats = fit_length(tok, train_pairs, n, over, "train")
-    eval_kept, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
+    max_length, overlong = recipe.data.max_length, recipe.dpo.overlong
+    train_kept, len_stats = fit_length(tok, train_pairs, max_length, overlong, "train")
+    eval_kept, eval_len_stats = fit_length(tok, eval_pairs, max_length, overlong, "eval") if eval_pairs else ([], {})
     model = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
-    check_max_length(model, n)
+    check_max_length(model, max_length)
     # A frozen copy is the reference only for full fine-tuning without precomputed log-probs.
     ref = None
     if not recipe.model.lora and not recipe.dpo.precompute_ref:
         ref = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
 
-    run_ = Run(recipe).start(force)
+    run = Run(recipe).start(force)
     summary: dict = {**{f"train_{k}": v for k, v in counts.items()}, **{f"eval_{k}": v for k, v in eval_counts.items()},
                      **len_stats, **eval_len_stats, "beta": recipe.dpo.beta, "loss_type": recipe.dpo.loss_type,
                      "sft_weight": recipe.dpo.sft_weight,
@@ -70,31 +70,31 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
     before = {}
     # DPO's implicit-reward accuracy is 0 before training (policy == reference), so the figure that
     # shows what DPO changed is the policy's own ranking: log p(chosen) > log p(rejected)?
-    if eval_kept and run_.main:
+    if eval_kept and run.is_main:
         summary.update({f"eval_{k}_before": v for k, v in logprob_preference(model, tok, eval_kept).items()})
-    if recipe.eval.prompts and run_.main:
+    if recipe.eval.prompts and run.is_main:
         print("reference model (before DPO) on the eval prompts:")
-        before = evaluate_prompts(model, tok, recipe.eval, run_.dir).metrics
-        (run_.dir / "eval_answers.jsonl").rename(run_.dir / "eval_answers_before.jsonl")
+        before = evaluate_prompts(model, tok, recipe.eval, run.dir).metrics
+        (run.dir / "eval_answers.jsonl").rename(run.dir / "eval_answers_before.jsonl")
 
     losses, weights = [recipe.dpo.loss_type], [1.0]
     if recipe.dpo.sft_weight > 0:
         losses, weights = losses + ["sft"], weights + [recipe.dpo.sft_weight]
-    args = DPOConfig(**trainer_kwargs(recipe, run_, beta=recipe.dpo.beta, loss_type=losses, loss_weights=weights,
-                                      max_length=n, precompute_ref_log_probs=recipe.dpo.precompute_ref,
+    args = DPOConfig(**trainer_kwargs(recipe, run, beta=recipe.dpo.beta, loss_type=losses, loss_weights=weights,
+                                      max_length=max_length, precompute_ref_log_probs=recipe.dpo.precompute_ref,
                                       disable_dropout=True))
     trainer = build_trainer(
-        DPOTrainer, run_, model=model, ref_model=ref, args=args,
+        DPOTrainer, run, model=model, ref_model=ref, args=args,
         train_dataset=_dataset(train_pairs, train_kept),
         eval_dataset=_dataset(eval_pairs, eval_kept) if eval_kept else None,
         processing_class=tok, peft_config=lora_config(recipe.model.lora, "CAUSAL_LM") if recipe.model.lora else None,
     )
     if recipe.model.lora:
         expose_head_bias(trainer.model)
-    train_metrics = fit(trainer, run_)
+    train_metrics = fit(trainer, run)
     ev = trainer.evaluate() if eval_kept else {}  # every process (it gathers)
-    if not run_.main:
-        return run_.dir
+    if not run.is_main:
+        return run.dir
 
     policy = trainer.model
     summary["train_loss"] = train_metrics.get("train_loss")
@@ -102,11 +102,11 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
         summary["eval_preference_accuracy"] = ev.get("eval_rewards/accuracies")
         summary["eval_reward_margin"] = ev.get("eval_rewards/margins")
         summary["eval_loss"] = ev.get("eval_loss")
-        run_.log(trainer.state.global_step, {"eval_preference_accuracy": summary["eval_preference_accuracy"]})
+        run.log(trainer.state.global_step, {"eval_preference_accuracy": summary["eval_preference_accuracy"]})
         summary.update({f"eval_{k}": v for k, v in logprob_preference(policy, tok, eval_kept).items()})
     if recipe.eval.prompts:
         print("DPO model on the eval prompts:")
-        result = evaluate_prompts(policy, tok, recipe.eval, run_.dir)
+        result = evaluate_prompts(policy, tok, recipe.eval, run.dir)
         after, rows = result.metrics, result.rows
         summary.update(after)
         summary.update({f"ref_{k}": v for k, v in before.items() if k != "eval_prompts"})
@@ -120,13 +120,8 @@ def run(recipe: DpoRecipe, force: bool = False) -> Path:
             policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
             seed=recipe.seed)
 
-    trainer.save_model(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
-    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "DPO loss", "loss")
-    curves(run_.metrics(), ["rewards/accuracies", "rewards/margins"], run_.plots_dir() / "rewards.png",
-           "DPO implicit rewards (train)", "")
-    print_summary("dpo summary", summary)
     notes = (f"`{recipe.model.path}` aligned with DPO ({recipe.dpo.loss_type}, beta {recipe.dpo.beta}) on "
              f"`{recipe.data.train}`; reference: {summary['reference']}.")
-    run_.finish(summary, model_card("DPO model", recipe, summary, notes))
-    return run_.dir
+    return run.finish(summary, title="DPO model", notes=notes, save=trainer.save_model, tokenizer=tok, curves=[
+        Curve(["loss", "eval_loss"], "loss.png", "DPO loss", "loss"),
+        Curve(["rewards/accuracies", "rewards/margins"], "rewards.png", "DPO implicit rewards (train)")])

@@ -28,13 +28,14 @@ from accelerate import Accelerator
 
 from posttrain import data as datalib
 from posttrain.errors import UserError
-from posttrain.evaluate import answer, evaluate_prompts, gold_metrics, policy_kl
-from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config, prompt_ids, stop_ids
-from posttrain.plots import curves
-from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer, detect_reward_hacking
+from posttrain.evaluate import answer, answer_stats, evaluate_prompts, gold_metrics, policy_kl
+from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config
+from posttrain.monitor import check_history
+from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer
 from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
-from posttrain.runs import Run, model_card, print_summary, write_atomic
+from posttrain.runs import Curve, Run, atomic_dir
+from posttrain.templates import prompt_ids, stop_ids
 from posttrain.training import Progress
 
 
@@ -85,7 +86,7 @@ def proxy_norm(scorer: RewardScorer, policy, tok, rows: list[dict], recipe: PpoR
     return raw.mean().item(), max(raw.std().item(), 1e-6)
 
 
-def run(recipe: PpoRecipe, force: bool = False) -> Path:
+def main(recipe: PpoRecipe, force: bool = False) -> Path:
     p = recipe.ppo
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
@@ -120,24 +121,15 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
 
         critic = AutoModelForSequenceClassification.from_pretrained(p.reward_model)
 
-    run_ = Run(recipe).start(force)
+    run = Run(recipe).start(force)
     norm = (0.0, 1.0)
     if scorer is not None:
         norm = proxy_norm(scorer, policy, tok, rows[: max(64, p.rollout_batch_size)], recipe)
-    config = PPOConfig(
-        rollout_batch_size=p.rollout_batch_size, minibatch_size=p.minibatch_size, ppo_epochs=p.ppo_epochs,
-        lr=recipe.train.lr, adam_beta2=recipe.train.adam_beta2, clip_range=p.clip_range,
-        clip_range_value=p.clip_range_value, vf_coef=p.vf_coef,
-        gamma=p.gamma, lam=p.lam, kl_estimator=p.kl_estimator, init_kl_coef=p.init_kl_coef, target_kl=p.target_kl,
-        kl_horizon=p.kl_horizon, entropy_coef=p.entropy_coef, max_new_tokens=p.max_new_tokens,
-        temperature=p.temperature, top_p=p.top_p, no_stop_penalty=p.no_stop_penalty,
-        whiten_advantages=p.whiten_advantages, max_grad_norm=recipe.train.max_grad_norm, seed=recipe.seed,
-    )
-    trainer = PPOTrainer(policy, critic, tok, reward_fn_for(recipe, scorer, verifier, norm), config,
+    trainer = PPOTrainer(policy, critic, tok, reward_fn_for(recipe, scorer, verifier, norm), PPOConfig.from_recipe(recipe),
                          accelerator=accelerator, ref_policy=ref, stop_ids=stop_ids(tok))
 
     start = 0
-    ckpt = run_.resume_from() if run_.main else run_.last_checkpoint()
+    ckpt = run.rewind() if run.is_main else run.last_checkpoint()
     if ckpt is not None:
         try:
             trainer.load_state_dict(torch.load(ckpt / "ppo.pt", weights_only=True))
@@ -148,26 +140,26 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
     order = _prompt_order(len(rows), p.iterations * p.rollout_batch_size * accelerator.num_processes, recipe.seed)
     progress = Progress(p.iterations, "ppo")
     progress.start(p.iterations, start)
-    history = [r for r in run_.metrics() if "proxy" in r or "gold" in r]
+    history = [r for r in run.metrics() if "proxy" in r or "gold" in r]
     for it in range(start, p.iterations):
         lo = (it * accelerator.num_processes + accelerator.process_index) * p.rollout_batch_size
         batch = order[lo : lo + p.rollout_batch_size]
         try:
             stats = trainer.train_iteration([rows[i] for i in batch], [ids[i] for i in batch])
         except NonFiniteError as e:
-            last = run_.last_checkpoint()
+            last = run.last_checkpoint()
             raise UserError(f"{e}; the last good checkpoint is {last or 'none (no checkpoint yet)'}") from None
-        if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None and run_.main:
+        if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None and run.is_main:
             stats.update(_greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, scorer, norm, recipe))
         history.append(stats)
-        run_.log(it + 1, stats)
+        run.log(it + 1, stats)
         progress.note({"reward": stats.get("proxy", stats["score"]), "gold": stats.get("gold", float("nan")), "kl": stats["kl"]})
         progress.update(it + 1)
         if (it + 1) % recipe.train.save_every == 0 or it + 1 == p.iterations:
-            _checkpoint(run_, trainer, it + 1, recipe.train.keep_checkpoints, accelerator)
+            _checkpoint(run, trainer, it + 1, recipe.train.keep_checkpoints, accelerator)
     progress.stop()
-    if not run_.main:
-        return run_.dir
+    if not run.is_main:
+        return run.dir
 
     summary: dict = {"iterations": p.iterations, "prompts": len(rows), "lora": recipe.model.lora is not None,
                      "reward": _reward_name(recipe), "proxy_norm_mean": norm[0], "proxy_norm_std": norm[1]}
@@ -181,9 +173,7 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
     train_s = sum(h.get("time_train", 0) for h in history)
     summary["time_generate_fraction"] = generate_s / max(generate_s + train_s, 1e-9)
     if scorer is not None and verifier is not None:
-        check = detect_reward_hacking([h["proxy"] for h in history], [h.get("gold") for h in history],
-                                      window=p.monitor.window, min_proxy_rise=p.monitor.min_proxy_rise,
-                                      min_gold_drop=p.monitor.min_gold_drop, patience=p.monitor.patience)
+        check = check_history(history, p.monitor)
         summary["reward_hacking"] = check.flagged
         summary["reward_hacking_iteration"] = check.iteration + 1 if check.flagged else None
         summary["reward_hacking_reason"] = check.reason
@@ -191,21 +181,16 @@ def run(recipe: PpoRecipe, force: bool = False) -> Path:
             print(f"REWARD HACKING at iteration {check.iteration + 1}: {check.reason}")
     policy = trainer.policy
     if eval_rows:
-        result = evaluate_prompts(policy, tok, recipe.eval, run_.dir)
+        result = evaluate_prompts(policy, tok, recipe.eval, run.dir)
         summary.update(result.metrics)
         if scorer is not None:
             raw = scorer.score([r["prompt"] for r in result.rows], [g.text for g in result.gens])
             summary["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
         summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)
 
-    policy.save_pretrained(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
-    _plots(run_)
-    print_summary("ppo summary", summary)
     notes = (f"`{recipe.model.path}` optimised with PPO for {p.iterations} iterations against {summary['reward']}. "
              "See plots/ for the proxy and gold reward, KL and the other PPO curves.")
-    run_.finish(summary, model_card("PPO policy", recipe, summary, notes))
-    return run_.dir
+    return run.finish(summary, title="PPO policy", notes=notes, save=policy.save_pretrained, tokenizer=tok, curves=CURVES)
 
 
 def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
@@ -221,7 +206,7 @@ def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
 def _greedy_eval(policy, tok, rows, verifier, scorer, norm, recipe: PpoRecipe) -> dict:
     gens = answer(policy, tok, rows, max_new_tokens=recipe.ppo.max_new_tokens)
     scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
-    m = gold_metrics(rows, scores, gens)
+    m = {**answer_stats(gens), **gold_metrics(rows, scores, gens)}
     out = {"eval_gold": m["gold_score"], "eval_fact_accuracy": m.get("fact_accuracy"),
            "eval_refusal_rate": m.get("refusal_rate"), "eval_mean_tokens": m["mean_tokens"]}
     if scorer is not None:
@@ -230,19 +215,14 @@ def _greedy_eval(policy, tok, rows, verifier, scorer, norm, recipe: PpoRecipe) -
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _checkpoint(run_: Run, trainer: PPOTrainer, iteration: int, keep: int, accelerator: Accelerator) -> None:
-    """Write checkpoint-N atomically (staging folder, then rename) and keep the newest `keep`."""
+def _checkpoint(run: Run, trainer: PPOTrainer, iteration: int, keep: int, accelerator: Accelerator) -> None:
+    """Write checkpoint-N atomically and keep the newest `keep`."""
     state = trainer.state_dict()  # every process: it gathers the RNG states
-    if run_.main:
-        staging = run_.checkpoints / ".staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        torch.save(state, staging / "ppo.pt")
-        write_atomic(staging / "iteration", f"{iteration}\n")
-        final = run_.checkpoints / f"checkpoint-{iteration}"
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        done = sorted(run_.checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    if run.is_main:
+        with atomic_dir(run.checkpoints / f"checkpoint-{iteration}") as tmp:
+            torch.save(state, tmp / "ppo.pt")
+            (tmp / "iteration").write_text(f"{iteration}\n")
+        done = sorted(run.checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
         for old in done[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -258,11 +238,11 @@ def _reward_name(recipe: PpoRecipe) -> str:
     return " + ".join(parts)
 
 
-def _plots(run_: Run) -> None:
-    rows, plots = run_.metrics(), run_.plots_dir()
-    curves(rows, ["proxy", "gold", "eval_proxy", "eval_gold"], plots / "reward.png", "proxy (reward model) vs gold reward")
-    curves(rows, ["kl", "kl_coef"], plots / "kl.png", "KL to the reference (per answer)")
-    curves(rows, ["entropy", "approx_kl", "clip_fraction", "value_clip_fraction"], plots / "policy.png", "policy update")
-    curves(rows, ["value_loss", "explained_variance"], plots / "value.png", "critic")
-    curves(rows, ["response_length", "stop_rate"], plots / "length.png", "answers")
-    curves(rows, ["time_generate", "time_train", "time_score"], plots / "time.png", "seconds per iteration", "s")
+CURVES = [
+    Curve(["proxy", "gold", "eval_proxy", "eval_gold"], "reward.png", "proxy (reward model) vs gold reward"),
+    Curve(["kl", "kl_coef"], "kl.png", "KL to the reference (per answer)"),
+    Curve(["entropy", "approx_kl", "clip_fraction", "value_clip_fraction"], "policy.png", "policy update"),
+    Curve(["value_loss", "explained_variance"], "value.png", "critic"),
+    Curve(["response_length", "stop_rate"], "length.png", "answers"),
+    Curve(["time_generate", "time_train", "time_score"], "time.png", "seconds per iteration", "s"),
+]

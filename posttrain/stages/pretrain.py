@@ -37,9 +37,8 @@ from transformers import (
 from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.evaluate import fact_recall
-from posttrain.plots import curves
 from posttrain.recipe import PretrainRecipe
-from posttrain.runs import Run, model_card, print_summary
+from posttrain.runs import Curve, Run
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -84,11 +83,11 @@ def blocks(doc_ids: list[list[int]], block: int, passes: int, seed: int) -> np.n
     return np.concatenate(out)
 
 
-def run(recipe: PretrainRecipe, force: bool = False) -> Path:
+def main(recipe: PretrainRecipe, force: bool = False) -> Path:
     table = datalib.load(recipe.data.train, recipe.data.columns, recipe.data.limit)
     datalib.validate(table, "text")
     texts = [r["text"] for r in table]
-    run_ = Run(recipe).start(force)
+    run = Run(recipe).start(force)
     console = Console()
 
     tok = build_tokenizer(recipe, texts)
@@ -125,21 +124,21 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         ))
     n_params = sum(p.numel() for p in model.parameters())
-    if run_.main:
+    if run.is_main:
         console.print(f"[bold]pretrain[/]: {len(texts)} documents, {n_tokens:,} tokens, vocab {len(tok)}, "
                       f"{n_params / 1e6:.2f}M parameters, {len(train_blocks):,} blocks of {block} ({passes} passes)")
 
-    args = TrainingArguments(**trainer_kwargs(recipe, run_, num_train_epochs=1, per_device_eval_batch_size=64))
-    trainer = build_trainer(Trainer, run_, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    args = TrainingArguments(**trainer_kwargs(recipe, run, num_train_epochs=1, per_device_eval_batch_size=64))
+    trainer = build_trainer(Trainer, run, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=default_data_collator)
-    train_metrics = fit(trainer, run_)
+    train_metrics = fit(trainer, run)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
-    if not run_.main:
-        return run_.dir
+    if not run.is_main:
+        return run.dir
 
     summary: dict = {"params": n_params, "vocab_size": len(tok), "corpus_tokens": n_tokens,
                      "tokens_seen": trainer.state.global_step * t.batch_size * t.grad_accum * world * block}
-    losses = [r["loss"] for r in run_.metrics() if "loss" in r]
+    losses = [r["loss"] for r in run.metrics() if "loss" in r]
     summary["final_loss"] = losses[-1] if losses else float("nan")
     summary["train_loss"] = train_metrics.get("train_loss")
     summary["train_seconds"] = train_metrics.get("train_runtime")
@@ -151,17 +150,13 @@ def run(recipe: PretrainRecipe, force: bool = False) -> Path:
         rec = fact_recall(model, tok, probes.rows)
         hits = rec.pop("hits")
         summary.update({f"fact_{k}": v for k, v in rec.items()})
-        (run_.dir / "probe_results.jsonl").write_text(
+        (run.dir / "probe_results.jsonl").write_text(
             "".join(json.dumps({**r, "hit": h}) + "\n" for r, h in zip(probes.rows, hits, strict=True)))
-        run_.log(trainer.state.global_step, {f"fact_{k}": v for k, v in rec.items()})
+        run.log(trainer.state.global_step, {f"fact_{k}": v for k, v in rec.items()})
 
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    trainer.save_model(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
-    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "pretraining loss", "cross-entropy")
-    print_summary("pretrain summary", summary)
     notes = (f"A GPT-2 ({n_params / 1e6:.2f}M parameters) pretrained from scratch on `{recipe.data.train}` "
-             f"with posttrain. Load it with `AutoModelForCausalLM.from_pretrained('{run_.dir}')`.")
-    run_.finish(summary, model_card("Pretrained base model", recipe, summary, notes))
-    return run_.dir
+             f"with posttrain. Load it with `AutoModelForCausalLM.from_pretrained('{run.dir}')`.")
+    return run.finish(summary, title="Pretrained base model", notes=notes, save=trainer.save_model, tokenizer=tok,
+                      curves=[Curve(["loss", "eval_loss"], "loss.png", "pretraining loss", "cross-entropy")])

@@ -40,10 +40,10 @@ from posttrain.models import (
     lora_config,
     sequence_classifier,
 )
-from posttrain.plots import curves, histogram
+from posttrain.plots import histogram
 from posttrain.preference import RewardScorer, fit_length, load_train_eval
 from posttrain.recipe import RewardRecipe
-from posttrain.runs import Run, model_card, print_summary
+from posttrain.runs import Curve, Run
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
@@ -80,15 +80,15 @@ class LastTokenRewardTrainer(RewardTrainer):
         return super().compute_loss(scored, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
-def run(recipe: RewardRecipe, force: bool = False) -> Path:
+def main(recipe: RewardRecipe, force: bool = False) -> Path:
     (train_pairs, counts), (eval_pairs, eval_counts) = load_train_eval(recipe.data, recipe.reward.eval_split, recipe.seed,
                                                                       "reward.eval_split")
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # harmless: the score is read by the attention mask
-    n, over = recipe.data.max_length, recipe.reward.overlong
-    train_ids, len_stats = fit_length(tok, train_pairs, n, over, "train")
-    eval_ids, eval_len_stats = fit_length(tok, eval_pairs, n, over, "eval") if eval_pairs else ([], {})
+    max_length, overlong = recipe.data.max_length, recipe.reward.overlong
+    train_ids, len_stats = fit_length(tok, train_pairs, max_length, overlong, "train")
+    eval_ids, eval_len_stats = fit_length(tok, eval_pairs, max_length, overlong, "eval") if eval_pairs else ([], {})
 
     def dataset(ids):
         return Dataset.from_dict({"chosen_ids": [p + c for p, c, _, _ in ids], "rejected_ids": [p + r for p, _, r, _ in ids]})
@@ -96,27 +96,27 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
     torch.manual_seed(recipe.seed)  # the new score head's initialisation
     model = sequence_classifier(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tok, num_labels=1)
     add_blocks(model, recipe.reward.extra_layers)
-    check_max_length(model, n)
+    check_max_length(model, max_length)
 
-    run_ = Run(recipe).start(force)
-    args = RewardConfig(**trainer_kwargs(recipe, run_, max_length=None, disable_dropout=True,
+    run = Run(recipe).start(force)
+    args = RewardConfig(**trainer_kwargs(recipe, run, max_length=None, disable_dropout=True,
                                          center_rewards_coefficient=recipe.reward.center_rewards))
     peft_config = lora_config(recipe.model.lora, "SEQ_CLS") if recipe.model.lora else None
-    trainer = build_trainer(LastTokenRewardTrainer, run_, model=model, args=args, train_dataset=dataset(train_ids),
+    trainer = build_trainer(LastTokenRewardTrainer, run, model=model, args=args, train_dataset=dataset(train_ids),
                             eval_dataset=dataset(eval_ids) if eval_ids else None, processing_class=tok,
                             peft_config=peft_config)
     before = {}
-    if eval_ids and run_.main:  # the untrained head, for reference (no RNG is drawn: the training is unchanged)
+    if eval_ids and run.is_main:  # the untrained head, for reference (no RNG is drawn: the training is unchanged)
         untrained = RewardScorer(trainer.model, tok)
         before = pairwise(untrained.score_ids([p + c for p, c, _, _ in eval_ids]),
                           untrained.score_ids([p + r for p, _, r, _ in eval_ids]))
-    train_metrics = fit(trainer, run_)
-    if not run_.main:
-        return run_.dir
+    train_metrics = fit(trainer, run)
+    if not run.is_main:
+        return run.dir
 
     model = trainer.model
     if recipe.model.lora:
-        trainer.save_model(str(run_.dir / "adapter"))
+        trainer.save_model(str(run.dir / "adapter"))
         model = model.merge_and_unload()
     model.eval()
     scorer = RewardScorer(model, tok)
@@ -134,18 +134,14 @@ def run(recipe: RewardRecipe, force: bool = False) -> Path:
             summary[f"eval_accuracy_{flaw}"] = pairwise([chosen[j] for j in idx], [rejected[j] for j in idx])["accuracy"]
         summary["eval_chosen_mean"] = sum(chosen) / len(chosen)
         summary["eval_rejected_mean"] = sum(rejected) / len(rejected)
-        run_.log(trainer.state.global_step, {"eval_pairwise_accuracy": summary["eval_accuracy"]})
-        histogram({"chosen": chosen, "rejected": rejected}, run_.plots_dir() / "score_histogram.png",
+        run.log(trainer.state.global_step, {"eval_pairwise_accuracy": summary["eval_accuracy"]})
+        histogram({"chosen": chosen, "rejected": rejected}, run.plots_dir() / "score_histogram.png",
                   f"held-out reward scores (pairwise accuracy {summary['eval_accuracy']:.3f})", "reward")
     if recipe.eval.prompts and recipe.eval.verifier and recipe.reward.gold_pairs:
         summary.update(gold_agreement(recipe, scorer))
 
-    model.save_pretrained(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
-    shutil.rmtree(run_.dir / "adapter" / "checkpoints", ignore_errors=True)
-    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "reward model loss", "pairwise loss")
-    print_summary("reward summary", summary)
+    shutil.rmtree(run.dir / "adapter" / "checkpoints", ignore_errors=True)
     notes = (f"A reward model (sequence classification, one output) initialised from `{recipe.model.path}` and trained "
-             f"on `{recipe.data.train}`. Load it with `AutoModelForSequenceClassification.from_pretrained('{run_.dir}')`.")
-    run_.finish(summary, model_card("Reward model", recipe, summary, notes))
-    return run_.dir
+             f"on `{recipe.data.train}`. Load it with `AutoModelForSequenceClassification.from_pretrained('{run.dir}')`.")
+    return run.finish(summary, title="Reward model", notes=notes, save=model.save_pretrained, tokenizer=tok,
+                      curves=[Curve(["loss", "eval_loss"], "loss.png", "reward model loss", "pairwise loss")])

@@ -33,13 +33,12 @@ from posttrain.models import (
     load_tokenizer,
     lora_config,
     merge_adapter,
-    pad_id,
     use_own_template,
 )
-from posttrain.plots import curves
 from posttrain.recipe import SftRecipe
 from posttrain.render import check_loss_mode, default_loss, mask_source, render
-from posttrain.runs import Run, model_card, print_summary
+from posttrain.runs import Curve, Run
+from posttrain.templates import pad_id
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "text")
@@ -182,7 +181,7 @@ def heldout_retention(recipe: SftRecipe, rows: list[dict], scores: list) -> dict
     }
 
 
-def run(recipe: SftRecipe, force: bool = False) -> Path:
+def main(recipe: SftRecipe, force: bool = False) -> Path:
     train_rows, fmt = load_examples(recipe, recipe.data.train, recipe.data.limit)
     eval_rows, eval_fmt = load_examples(recipe, recipe.data.eval, None) if recipe.data.eval else ([], fmt)
     if eval_fmt != fmt:
@@ -201,11 +200,11 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
         raise UserError("model.chat_template: the model has no chat template; name one, e.g. data_templates/chatml.jinja")
     mode = default_loss(fmt) if recipe.sft.loss == "auto" else recipe.sft.loss
     check_loss_mode(fmt, mode, tok)
-    n, over = recipe.data.max_length, recipe.sft.overlong
-    train_ds, stats = encode(tok, train_rows, fmt, mode, n, over, "train")
-    eval_ds, eval_stats = encode(tok, eval_rows, fmt, mode, n, over, "eval") if eval_rows else (None, {})
+    max_length, overlong = recipe.data.max_length, recipe.sft.overlong
+    train_ds, stats = encode(tok, train_rows, fmt, mode, max_length, overlong, "train")
+    eval_ds, eval_stats = encode(tok, eval_rows, fmt, mode, max_length, overlong, "eval") if eval_rows else (None, {})
 
-    run_ = Run(recipe).start(force)
+    run = Run(recipe).start(force)
     packing = recipe.train.packing and packing_is_exact(model)
     if recipe.train.packing and not packing:
         print("note: packing is off: this model mixes packed sequences (its attention ignores position ids)")
@@ -215,18 +214,18 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
         # _preprocess_mask_arguments); most checkpoints ship use_cache: true, and training needs none
         model.config.use_cache = False
     peft_config = lora_config(recipe.model.lora, "CAUSAL_LM", new_tokens) if recipe.model.lora else None
-    args = SFTConfig(**trainer_kwargs(recipe, run_, max_length=n, packing=packing, packing_strategy="bfd",
+    args = SFTConfig(**trainer_kwargs(recipe, run, max_length=max_length, packing=packing, packing_strategy="bfd",
                                       eval_packing=False, assistant_only_loss=False, completion_only_loss=False))
-    trainer = build_trainer(CountingSFTTrainer, run_, model=model, args=args, train_dataset=train_ds,
+    trainer = build_trainer(CountingSFTTrainer, run, model=model, args=args, train_dataset=train_ds,
                             eval_dataset=eval_ds, processing_class=tok, peft_config=peft_config)
     if peft_config is not None:
         expose_head_bias(trainer.model)
     if packing:  # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
         trainer.data_collator = PackedRows(pad_id(tok))
-    train_metrics = fit(trainer, run_)
+    train_metrics = fit(trainer, run)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
-    if not run_.main:
-        return run_.dir
+    if not run.is_main:
+        return run.dir
 
     model = trainer.model
     trained = sum(sum(t != -100 for t in lab) for lab in train_ds["labels"])
@@ -239,27 +238,28 @@ def run(recipe: SftRecipe, force: bool = False) -> Path:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_loss": train_metrics.get("train_loss"),
     }
-    losses = [r["loss"] for r in run_.metrics() if "loss" in r]
+    losses = [r["loss"] for r in run.metrics() if "loss" in r]
     summary["final_loss"] = losses[-1] if losses else None
     if eval_ds is not None:
         summary["eval_loss"] = eval_loss
-        run_.log(trainer.state.global_step, {"eval_loss": summary["eval_loss"]})
+        run.log(trainer.state.global_step, {"eval_loss": summary["eval_loss"]})
     if recipe.eval.prompts:
-        result = evaluate_prompts(model, tok, recipe.eval, run_.dir)
+        result = evaluate_prompts(model, tok, recipe.eval, run.dir)
         summary.update(result.metrics)
         if result.scores:
             summary.update(heldout_retention(recipe, result.rows, result.scores))
 
     model.config.use_cache = use_cache  # saved as the checkpoint had it
-    trainer.save_model(str(run_.dir))
-    tok.save_pretrained(str(run_.dir))
-    if recipe.model.lora and recipe.sft.merge:
-        summary["merged_dir"] = str(merge_adapter(run_.dir, finished=False))
-    curves(run_.metrics(), ["loss", "eval_loss"], run_.plots_dir() / "loss.png", "SFT loss", "cross-entropy")
-    print_summary("sft summary", summary)
+
+    def save(out: str) -> None:
+        trainer.save_model(out)
+        tok.save_pretrained(out)
+        if recipe.model.lora and recipe.sft.merge:
+            summary["merged_dir"] = str(merge_adapter(out, finished=False))
+
     kind = "LoRA adapter" if recipe.model.lora else "fully fine-tuned model"
     template = recipe.model.chat_template or "the model's own"
     notes = (f"A {kind} from `{recipe.model.path}`, supervised fine-tuned on `{recipe.data.train}` ({fmt}, "
              f"{mode} loss) with chat template `{template}`.")
-    run_.finish(summary, model_card("SFT model", recipe, summary, notes))
-    return run_.dir
+    return run.finish(summary, title="SFT model", notes=notes, save=save,
+                      curves=[Curve(["loss", "eval_loss"], "loss.png", "SFT loss", "cross-entropy")])

@@ -12,18 +12,18 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.recipe import WorldRecipe
-from posttrain.runs import Run, model_card
+from posttrain.runs import Run
 from posttrain.world.generate import WorldConfig, write
 
 
-def run(recipe: WorldRecipe, force: bool = False) -> Path:
+def main(recipe: WorldRecipe, force: bool = False) -> Path:
     cfg = WorldConfig(seed=recipe.seed, **recipe.world.model_dump())
-    run_ = Run(recipe).start(force)
-    counts = write(cfg, run_.dir)
+    run = Run(recipe).start(force)
+    counts = write(cfg, run.dir)
     n_heldout = round(cfg.people * cfg.heldout_fraction)
     summary = {"people": cfg.people, "people_seen": cfg.people - n_heldout, "people_heldout": n_heldout,
                **{f"rows_{name.split('.')[0]}": n for name, n in counts.items() if name.endswith(".jsonl")}}
-    table = Table(title=f"world (seed {cfg.seed}) -> {run_.dir}")
+    table = Table(title=f"world (seed {cfg.seed}) -> {run.dir}")
     table.add_column("file")
     table.add_column("rows", justify="right")
     for name, n in counts.items():
@@ -37,5 +37,4 @@ def run(recipe: WorldRecipe, force: bool = False) -> Path:
         f"The SFT demonstrator's habits (probabilities):\n{habits}\n\n"
         "Files: see the docstring of `posttrain/world/generate.py`; the gold verifier is `posttrain/world/verifier.py`."
     )
-    run_.finish(summary, model_card("The built-in world", recipe, summary, notes))
-    return run_.dir
+    return run.finish(summary, title="The built-in world", notes=notes)

@@ -1,7 +1,3 @@
-"""The built-in world: invented people with facts, small skills, the datasets every stage trains on,
-and the gold verifier that scores any answer exactly."""
-
-from posttrain.world.generate import WorldConfig, build, write
-from posttrain.world.verifier import Score, Verifier
-
-__all__ = ["WorldConfig", "build", "write", "Score", "Verifier"]
+"""The built-in world: invented people with facts (facts.py), small skills (skills.py), the language
+that states them (language.py), the datasets every stage trains on (generate.py: WorldConfig, build,
+write), and the gold verifier that scores any answer exactly (verifier.py: Verifier, Score)."""

@@ -22,13 +22,12 @@ from types import SimpleNamespace
 
 import yaml
 
+from posttrain import training
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe
+from posttrain.stages import STAGES
+from posttrain.training import sharded_refusal
 
-# Stages built on the Hugging Face Trainer (through training.trainer_kwargs); ppo has its own loop.
-TRAINER_STAGES = ("pretrain", "classify", "sft", "reward", "dpo")
-# ...of which these hand a peft config to a TRL trainer (classify wraps LoRA itself, pretrain has none).
-TRL_PEFT_STAGES = ("sft", "reward", "dpo")
 MULTI_PROCESS = ("MULTI_GPU", "FSDP", "DEEPSPEED")
 SHARDED = ("FSDP", "DEEPSPEED")
 
@@ -210,18 +209,6 @@ def _zero_stage(launch: Launch) -> int:
     return int(launch.deepspeed.get("zero_stage", 2))  # accelerate's default (DeepSpeedPlugin.__post_init__)
 
 
-def sharded_refusal(where: str) -> str:
-    """Why FSDP and ZeRO-3 are refused (here, and by posttrain/training.py build_trainer at run time)."""
-    # posttrain/stages/*.py: once training ends, the other processes return and rank 0 alone
-    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under FSDP (1 or 2)
-    # and ZeRO-3 every process holds only a shard of the weights, so a forward pass on rank 0 alone,
-    # or Trainer.save_model there (transformers/trainer.py save_model: accelerator.get_state_dict
-    # gathers from every process), waits for processes that have left: the run would hang after training.
-    return (f"{where}: posttrain's stages finish (evaluate, save) on rank 0 alone, which needs the whole model "
-            "there; FSDP and ZeRO-3 keep a shard per process, so the run would hang after training. Use "
-            "recipes/accelerate/zero2.yaml (optimizer state and gradients sharded, whole weights on every GPU) or ddp.yaml")
-
-
 def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[str]:
     """Rules for a machine without a CUDA GPU. Returns notes."""
     notes: list[str] = []
@@ -248,7 +235,7 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[s
     # sets use_cpu on a machine without CUDA, and posttrain/stages/ppo.py builds its Accelerator with
     # cpu=True there; checked on the real trainer arguments, so a change that drops it is caught here.
     multi = launch.distributed_type in MULTI_PROCESS and n > 1
-    if multi and recipe.stage in TRAINER_STAGES and not _trainer_uses_cpu(recipe):
+    if multi and STAGES[recipe.stage].trainer and not _trainer_uses_cpu(recipe):
         raise UserError(f"{where} and {n} processes on a machine without CUDA: the Trainer joins a CPU process "
                         "group only with TrainingArguments(use_cpu=True), which posttrain/training.py does not set, "
                         f"so each process would train alone; run {recipe.stage} as one process here")
@@ -272,9 +259,7 @@ def _trainer_uses_cpu(recipe: Recipe) -> bool:
 
     if torch.cuda.is_available():
         return True
-    from posttrain.training import trainer_kwargs
-
-    return bool(trainer_kwargs(recipe, SimpleNamespace(checkpoints=Path("unused"))).get("use_cpu"))
+    return bool(training.trainer_kwargs(recipe, SimpleNamespace(checkpoints=Path("unused"))).get("use_cpu"))
 
 
 def _check_fsdp(recipe: Recipe, launch: Launch, where: str) -> list[str]:
@@ -358,7 +343,7 @@ def _check_deepspeed(recipe: Recipe, launch: Launch, where: str) -> list[str]:
                                 f"({value}); remove {key} from the config (it then follows the recipe)")
     # trl/trainer/sft_trainer.py, dpo_trainer.py, reward_trainer.py: "PEFT + DeepSpeed ZeRO-3
     # requires reentrant checkpointing", so TRL sets use_reentrant=True there.
-    if (stage == 3 and recipe.stage in TRL_PEFT_STAGES and model is not None and model.lora is not None
+    if (stage == 3 and STAGES[recipe.stage].trl_peft and model is not None and model.lora is not None
             and model.gradient_checkpointing):
         notes.append(f"{where}: with LoRA and model.gradient_checkpointing under ZeRO-3, TRL forces reentrant "
                      "gradient checkpointing (slower; it recomputes more); expected, not an error")

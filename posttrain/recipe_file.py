@@ -1,0 +1,137 @@
+"""Reading a recipe file: `yaml.safe_load` (a recipe never runs code), `--set a.b=value` overrides
+parsed as YAML scalars, and validation against the stage's schema (posttrain/recipe.py). Every error
+is one line that names the file, the line where the key can be found, the key, and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from posttrain.errors import UserError
+from posttrain.recipe import Recipe
+from posttrain.stages import STAGES
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises UserError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; recipes live in recipes/ (e.g. recipes/world/sft.yaml)")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: YAML syntax error: {problem}; fix the YAML at that line") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values")
+    for item in overrides:
+        apply_override(raw, item)
+    name = raw.get("stage")
+    if stage is not None and name != stage:
+        raise UserError(f"{path}: this is a {name!r} recipe, but `posttrain {stage}` needs stage: {stage}")
+    cls = STAGES[name].recipe if name in STAGES else None
+    if cls is None:
+        hint = _did_you_mean(str(name), STAGES)
+        raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {name!r}{hint}; stages: {', '.join(STAGES)}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_explain(e, cls, path, text)) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override to the raw recipe dict; the value is a YAML scalar."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {item!r}: bad key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) -> str:
+    errors = e.errors()
+    err = errors[0]
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    key = ".".join(loc) or "(recipe)"
+    where = f"{path}:{_line(text, loc)}"
+    more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(cls, loc[:-1])
+        hint = _did_you_mean(loc[-1], known) or (f"; known keys here: {', '.join(known)}" if known else "")
+        return f"{where}: unknown key {key}{hint}{more}"
+    if err["type"] == "missing":
+        return f"{where}: missing required key {key}; add it to the recipe{more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"{where}: {key}: {msg}{shown}{more}"
+
+
+def _did_you_mean(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _fields_at(cls: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Field names of the (sub)section at `loc`, for did-you-mean on unknown keys."""
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _line(text: str, loc: tuple[str, ...]) -> int:
+    """The 1-based line where the deepest existing key of `loc` appears in the YAML text (1 if none)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return 1
+    line = 1
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line

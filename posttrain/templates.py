@@ -1,0 +1,89 @@
+"""Chat templates and the special tokens they imply, for any tokenizer: rendering a conversation,
+finding the end-of-turn token, the ids that stop an answer or pad a batch, and the ids that ask a
+model to answer a prompt. Nothing here touches a model (posttrain/models.py attaches templates).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from jinja2 import TemplateError
+
+from posttrain.errors import UserError
+
+MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+COMMENT = re.compile(r"\{#.*?#\}", re.DOTALL)
+SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+STOP = re.compile(r"stop:\s*(\S+)")
+
+
+def read_template(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model.chat_template: {path} not found; templates live in data_templates/ (e.g. data_templates/chatml.jinja)")
+    return p.read_text()
+
+
+def has_generation_markers(template: str) -> bool:
+    return bool(MARKER.search(COMMENT.sub("", template)))
+
+
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`; a template that fails to render is a recipe error."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise UserError(f"model.chat_template: the template fails on this conversation ({e}); fix the template "
+                        "or the data") from None
+
+
+_EOT_CACHE: dict[tuple[str, frozenset], str | None] = {}
+_PROBE = "Zq7 probe answer"
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, </s> ...), read off the template itself: a probe answer is rendered and
+    the first special token after it is the one. None without a template or without such a token."""
+    template = tokenizer.chat_template
+    if not template:
+        return None
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+    key = (template, frozenset(specials))
+    if key not in _EOT_CACHE:
+        text = render_text(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}])
+        after = text[text.rfind(_PROBE) + len(_PROBE):] if _PROBE in text else ""
+        found = [(after.find(t), t) for t in specials if t and t in after]
+        _EOT_CACHE[key] = min(found)[1] if found else None
+    return _EOT_CACHE[key]
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: the EOS, the template's end-of-turn token where it differs (a stock
+    template that ends turns with <|im_end|> while the EOS is <|endoftext|>), and the end-of-text
+    token."""
+    ids = [tokenizer.eos_token_id]
+    for token in (end_of_turn(tokenizer), "<|endoftext|>"):
+        if token is not None and token in tokenizer.get_vocab():
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid not in ids:
+                ids.append(tid)
+    return [i for i in ids if i is not None]
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else the EOS. Which one never matters for what is computed:
+    every length comes from attention masks or labels, never from finding pad ids."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids that ask the model to answer `prompt`: the chat template with a generation prompt
+    when the tokenizer has one, else the plain text after a BOS."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer.encode(text, add_special_tokens=False)
