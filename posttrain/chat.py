@@ -14,6 +14,7 @@ Sampling is seeded per turn, so the same input and --seed give the same answers.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class Chat:
                 value = float(arg)
             except ValueError:
                 value = -1.0
-            if value < 0:
+            if not math.isfinite(value) or value < 0:  # /temp nan would sample garbage
                 return "usage: /temp 0.7 (a temperature >= 0; 0 = greedy)"
             self.temperature = value
             return f"temperature {value:g}" + (" (greedy)" if value == 0 else "")
@@ -99,14 +100,25 @@ def run_chat(run_dir: str, *, temperature: float = 0.7, max_new_tokens: int = 64
     path = Path(run_dir)
     if not path.exists():
         raise UserError(f"{run_dir}: no such run directory")
+    if not path.is_dir() and path.suffix != ".pt":
+        raise UserError(f"{run_dir}: a file, not a model directory; give the run directory")
     recipe = path / "recipe.yaml"
     if recipe.is_file() and (yaml.safe_load(recipe.read_text()) or {}).get("stage") == "reward":
         raise UserError(f"{run_dir} is a reward model run, which scores answers but does not write them; chat with a policy")
-    if temperature < 0 or max_new_tokens < 1:
-        raise UserError("--temperature must be >= 0 and --max-new-tokens >= 1")
+    if path.is_dir() and not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+        raise UserError(f"{run_dir}: not a model directory (no config.json or adapter_config.json)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be a number >= 0 (0 = greedy)")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be >= 0")
     tok = load_tokenizer(run_dir)
     model = load_causal_lm(run_dir, tokenizer=tok).to(device())
     chat = Chat(model, tok, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    if chat.context is not None and max_new_tokens >= chat.context:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: the model's context holds {chat.context} tokens, prompt "
+                        f"included; use at most {chat.context - 1}")
     interactive = sys.stdin.isatty()
     # Piped input: stdout carries only the answers, so scripts can read them line by line.
     info = sys.stdout if interactive else sys.stderr
@@ -142,7 +154,10 @@ def run_chat(run_dir: str, *, temperature: float = 0.7, max_new_tokens: int = 64
 def _lines(interactive: bool):
     """User lines until EOF (or Ctrl-C at the prompt, which ends the chat quietly)."""
     if not interactive:
-        yield from sys.stdin
+        try:
+            yield from sys.stdin
+        except UnicodeDecodeError:
+            raise UserError("stdin: the piped input is not UTF-8 text") from None
         return
     while True:
         try:

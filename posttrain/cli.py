@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from posttrain.stages import STAGES, Stage
 
@@ -56,13 +57,17 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 def _run_stage(name: str, args: argparse.Namespace) -> int:
     from posttrain.inputs import check_inputs
     from posttrain.recipe_file import load_recipe
-    from posttrain.runs import AlreadyDone, finished_with, is_main_process
+    from posttrain.runs import AlreadyDone, check_output_dir, finished_with, is_main_process
 
     recipe = load_recipe(args.recipe, args.overrides, stage=name)
     check_inputs(recipe)
+    check_output_dir(recipe.output_dir, "output_dir")
     try:
         if finished_with(recipe) and not args.force:  # before the stage's imports and models: a re-run takes a second
             raise AlreadyDone(recipe.output_dir)
+        from posttrain.launch_rules import check_launch
+
+        check_launch(recipe)  # what this machine cannot run (e.g. float16 on a CPU), before any model loads
         out = importlib.import_module(STAGES[name].module).main(recipe, force=args.force)
     except AlreadyDone as done:
         if is_main_process():
@@ -95,6 +100,10 @@ def _show_mask(args: argparse.Namespace) -> int:
     from posttrain.stages.sft import load_examples
 
     recipe = load_recipe(args.recipe, args.overrides, stage="sft")
+    if args.split == "eval" and not recipe.data.eval:
+        from posttrain.errors import UserError
+
+        raise UserError(f"--split eval: {args.recipe} has no data.eval; show a training example (--split train)")
     rows, fmt = load_examples(recipe, recipe.data.train if args.split == "train" else recipe.data.eval, None)
     if not 0 <= args.index < len(rows):
         from posttrain.errors import UserError
@@ -252,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if "transformers" in sys.modules:  # imported before main() (a test, a notebook): quiet it the same way
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
     from posttrain.errors import UserError
 
@@ -263,6 +277,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("posttrain: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input (every kind of bad input has its own UserError)
+        log = _crash_log(argv)
+        print(f"posttrain: internal error: {type(e).__name__}: {_one_line(e)}. This is a bug in posttrain, not in "
+              f"your input; the traceback is in {log}: please report it with that file", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException, width: int = 200) -> str:
+    text = " ".join(str(e).split()) or "(no message)"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _crash_log(argv: list[str] | None) -> str:
+    """Write the current exception's traceback, the command and the versions to a log file; its path."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "posttrain"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    versions = []
+    for name in ("posttrain", "torch", "transformers", "trl", "peft", "accelerate"):
+        module = sys.modules.get(name)
+        versions.append(f"{name} {getattr(module, '__version__', '?') if module else '(not imported)'}")
+    text = (f"command: posttrain {' '.join(sys.argv[1:] if argv is None else argv)}\ncwd: {os.getcwd()}\n"
+            f"python {platform.python_version()} on {platform.platform()}\n{', '.join(versions)}\n\n{traceback.format_exc()}")
+    try:
+        path.write_text(text)
+    except OSError:
+        return "(no log: could not write one)"
+    return str(path)
 
 
 if __name__ == "__main__":

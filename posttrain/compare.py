@@ -44,10 +44,12 @@ import yaml
 from pydantic import ValidationError
 
 from posttrain.errors import UserError
+from posttrain.inputs import read_model_config
 from posttrain.metrics import COMPARE_ROWS, METRIC_GROUPS, NEEDS_VERIFIER
 from posttrain.recipe import Suite
+from posttrain.recipe_file import read_yaml
 from posttrain.report import html_page, markdown, print_tables
-from posttrain.runs import atomic_dir, read_metrics
+from posttrain.runs import atomic_dir, check_output_dir, read_metrics
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -55,11 +57,9 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--suite {path}: not found; suites live in eval/ (e.g. eval/world.yaml, eval/generic.yaml)")
+    raw, _ = read_yaml(path)
     try:
-        raw = yaml.safe_load(path.read_text())
         suite = Suite.model_validate(raw if raw is not None else {})
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: YAML syntax error: {getattr(e, 'problem', e)}") from None
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(suite)"
@@ -104,6 +104,19 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
             raise UserError(f"{name}={path}: not a model directory (no config.json or adapter_config.json)")
         models[name] = p
     return models
+
+
+def _check_reward_model(path: Path) -> None:
+    """--reward names a reward model: a reward run, or a sequence classifier with one output."""
+    if not path.is_dir():
+        raise UserError(f"--reward {path}: no such run directory")
+    stage = _stage(path)
+    config = read_model_config(path) or {}
+    one_score = config.get("num_labels", len(config.get("id2label") or {})) == 1 and any(
+        a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    if stage not in (None, "reward") or (stage is None and not one_score):
+        what = f"a {stage} run" if stage else "not a reward model (a sequence classifier with one output)"
+        raise UserError(f"--reward {path}: {what}; pass the directory of a reward run (posttrain reward)")
 
 
 def _stage(path: Path) -> str | None:
@@ -275,11 +288,11 @@ def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: st
         raise UserError(f"--ref {ref}: not one of the models ({', '.join(models)})")
     if reward and "reward" not in suite.metrics:
         raise UserError(f"--reward: suite {suite_path} does not list the metric 'reward'; add it to its metrics")
-    if reward and not Path(reward).is_dir():
-        raise UserError(f"--reward {reward}: no such run directory")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "report.md").exists():
-        raise UserError(f"--out {out}: exists and does not hold a compare report; choose another directory")
+    if reward:
+        _check_reward_model(Path(reward))
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be >= 0")
+    out_dir = check_output_dir(out, "--out", lambda d: (d / "report.md").exists(), "a compare report")
 
     inputs = {"models": {n: [str(p), _version(p)] for n, p in models.items()}, "suite": suite.model_dump(mode="json"),
               "prompts_file": _version(Path(suite.prompts)), "reward": [reward, _version(Path(reward)) if reward else None],

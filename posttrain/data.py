@@ -17,6 +17,7 @@ Formats (DESIGN.md), by the fields a row must have:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,29 +79,47 @@ def load(source: str, columns: list[str] | None = None, limit: int | None = None
     return table.head(limit)
 
 
+def _text(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to be a data row") from None
+
+
 def _read_file(path: Path, columns: list[str] | None) -> Table:
     suffix = path.suffix.lower()
     src = str(path)
     if suffix == ".jsonl":
         rows, lines = [], []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{src}:{n}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{src}:{n}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
-                lines.append(n)
+        for n, line in enumerate(io.StringIO(_text(path), newline=None), 1):  # newlines as open() reads them
+            if not line.strip():
+                continue
+            row = _json(line, f"{src}:{n}")
+            if not isinstance(row, dict):
+                raise UserError(f"{src}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
+            lines.append(n)
         return Table(src, rows, lines)
     if suffix == ".json":
+        text = _text(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{src}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UserError(f"{src}: JSON nested too deeply to be a dataset") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -111,15 +130,20 @@ def _read_file(path: Path, columns: list[str] | None) -> Table:
     if suffix == ".parquet":
         import pandas as pd
 
-        return Table(src, pd.read_parquet(path).to_dict(orient="records"), [])
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # pyarrow's errors for a file that is not Parquet have no common base
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{src}: not a readable Parquet file ({first[:120]})") from None
+        return Table(src, frame.to_dict(orient="records"), [])
     raise UserError(f"{src}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
 def _read_delimited(path: Path, columns: list[str] | None) -> Table:
     tsv = path.suffix.lower() == ".tsv" or path.suffix == ""
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting)
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter="\t" if tsv else ",", quoting=quoting)
+    try:
         header = columns or next(reader, None)
         if not header:
             raise UserError(f"{path}: empty file")
@@ -133,6 +157,8 @@ def _read_delimited(path: Path, columns: list[str] | None) -> Table:
                 )
             rows.append(dict(zip(header, record, strict=True)))
             lines.append(reader.line_num)
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: unreadable {'TSV' if tsv else 'CSV'} ({e})") from None
     return Table(str(path), rows, lines)
 
 

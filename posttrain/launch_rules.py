@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
-
 from posttrain import training
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe
+from posttrain.recipe_file import read_yaml
 from posttrain.stages import STAGES
 from posttrain.training import sharded_refusal
 
@@ -55,10 +54,7 @@ def read_config(path: str | Path) -> Launch:
     fix = "compare with recipes/accelerate/*.yaml or regenerate it with `accelerate config`"
     if not path.is_file():
         raise UserError(f"--accel {path}: no such accelerate config; use one of recipes/accelerate/*.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}); {fix}") from None
+    raw, _ = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: an accelerate config is a YAML mapping of keys to values; {fix}")
     # YAML 1.1 reads a bare `NO` / `no` as false; accelerate then fails deep inside the launcher

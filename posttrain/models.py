@@ -6,14 +6,14 @@ DONE), a LoRA run directory (an adapter over its base model), or a nanoGPT `.pt`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.errors import UserError
-from posttrain.runs import atomic_dir, require_done
+from posttrain.inputs import read_json, read_model_config
+from posttrain.runs import atomic_dir, check_output_dir, require_done
 from posttrain.templates import COMMENT, SPECIAL, STOP, pad_id, read_template, stop_ids
 
 
@@ -32,19 +32,93 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def from_pretrained(cls, path: str, what: str = "a model", **kw):
-    """`cls.from_pretrained(path, **kw)` with the usual failures as one-line errors: not a model
-    directory, or a checkpoint whose architecture is code in its own repository (auto_map) while
-    trust_remote_code is off."""
+    """`cls.from_pretrained(path, **kw)` with every way a checkpoint can be broken as a one-line error
+    that names the file: a local directory's config and weights are checked first (check_checkpoint),
+    then what transformers itself refuses."""
+    tokenizer = what == "a tokenizer"
+    if Path(path).is_dir() and not tokenizer:
+        check_checkpoint(Path(path), kw.get("trust_remote_code", False))
     try:
         return cls.from_pretrained(path, **kw)
-    except OSError as e:
-        raise UserError(f"model.path: cannot load {what} from {path} ({e.__class__.__name__}); is it a model directory "
-                        "or hub id?") from None
     except ValueError as e:
-        if "trust_remote_code" not in str(e):
+        if "trust_remote_code" in str(e) or "auto_map" in str(e):
+            raise _remote_code(path) from None
+        raise UserError(f"model.path: cannot load {what} from {path} ({_first_line(e)})") from None
+    except RuntimeError as e:
+        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+            raise UserError(f"model.path: {path}/config.json does not match its weights ({_first_line(e, 'size mismatch')}); "
+                            "use the config.json saved with these weights") from None
+        raise UserError(f"model.path: cannot load {what} from {path} ({_first_line(e)})") from None
+    except (OSError, KeyError, TypeError, AttributeError, ImportError) as e:
+        fix = ("the directory needs tokenizer files (tokenizer.json, or vocab.json + merges.txt)" if tokenizer
+               else "is it a model directory or Hub name?")
+        raise UserError(f"model.path: cannot load {what} from {path} ({_first_line(e)}); {fix}") from None
+    except Exception as e:  # the tokenizers library raises plain Exceptions for a corrupt tokenizer.json
+        if not tokenizer:
             raise
-        raise UserError(f"model.path: {path} needs code from its own repository to load (auto_map); read that code, "
-                        "then set model.trust_remote_code: true if you trust it") from None
+        raise UserError(f"model.path: cannot load {what} from {path} ({_first_line(e)}); restore its tokenizer files") from None
+
+
+def _first_line(e: BaseException, containing: str = "") -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    line = next((x for x in lines if containing and containing in x), lines[0])
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _remote_code(path) -> UserError:
+    return UserError(f"model.path: {path} needs code from its own repository to load (auto_map, trust_remote_code); "
+                     "read that code, then set model.trust_remote_code: true if you trust it")
+
+
+def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
+    """A local model directory, checked file by file before transformers reads it: config.json is a
+    JSON object with a known model_type (or code the recipe trusts), and the weights are a readable
+    safetensors file or a pickle that holds only tensors (torch.load(weights_only=True), never code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if is_adapter(path):
+        return  # its base is checked when it loads
+    cfg = read_model_config(path)
+    if cfg is None:
+        raise UserError(f"model.path: {path} is not a model directory (no config.json or adapter_config.json)")
+    if "auto_map" in cfg and not trust_remote_code:
+        raise _remote_code(path)
+    kind = cfg.get("model_type")
+    if not kind:
+        raise UserError(f"model.path: {path}/config.json has no model_type; use the config.json saved with the weights")
+    if kind not in CONFIG_MAPPING_NAMES and "auto_map" not in cfg:
+        import transformers
+
+        raise UserError(f"model.path: {path}/config.json: model_type {kind!r} is not an architecture transformers "
+                        f"{transformers.__version__} knows; upgrade transformers, or fix model_type")
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        from safetensors import safe_open
+
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error type for every kind of corruption
+                raise UserError(f"model.path: {shard} is not a readable safetensors file ({_first_line(e)}); "
+                                "re-save or re-download the weights") from None
+        return
+    pickles = sorted(path.glob("pytorch_model*.bin"))
+    if not pickles:
+        raise UserError(f"model.path: {path} has a config.json but no weights (model.safetensors or pytorch_model.bin); "
+                        "copy the weights next to it")
+    import pickle
+
+    for file in pickles:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"model.path: {file} was refused: the pickle calls code, not only tensors "
+                            f"({_first_line(e, 'GLOBAL')}); convert it to safetensors from a copy you trust") from None
+        except Exception as e:
+            raise UserError(f"model.path: {file} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"model.path: {file} is not a state dict of tensors; save the weights with save_pretrained")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -53,7 +127,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         from posttrain.nanogpt import load_nanogpt
 
         return load_nanogpt(path)[1]
-    return from_pretrained(AutoTokenizer, path, "a tokenizer", trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, path, "a tokenizer", trust_remote_code=trust_remote_code)
+    if len(tok) <= 1:  # transformers builds an empty tokenizer for a directory that has none
+        raise UserError(f"model.path: {path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); copy "
+                        "the tokenizer saved with these weights next to them")
+    return tok
 
 
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, tokenizer=None,
@@ -87,7 +165,8 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
 
 def adapter_base(path: str | Path) -> str:
     """The base model a LoRA run's adapter was trained on; an error if that directory is gone."""
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    config = read_json(Path(path) / "adapter_config.json")
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base:
         raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path; set it to the adapter's base model")
     # a Hub id is "org/name"; anything else (absolute, ./, or deeper paths such as runs/world/base) is a folder
@@ -287,17 +366,25 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path | None = None, finish
     """Merge a LoRA run's adapter into its base and save a full model (default: RUN_DIR/merged).
     `finished=False` is for the stage itself, merging before it writes DONE."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
     if finished:
         require_done(run_dir, "RUN_DIR")
     if not is_adapter(run_dir):
         raise UserError(f"{run_dir}: not a LoRA run (no adapter_config.json); only adapters need merging")
-    out = Path(out_dir) if out_dir else run_dir / "merged"
-    tok = AutoTokenizer.from_pretrained(run_dir)
+    out = check_output_dir(Path(out_dir) if out_dir else run_dir / "merged", "--out", _is_merged, "a merged model")
+    tok = from_pretrained(AutoTokenizer, str(run_dir), "a tokenizer")
     model = load_causal_lm(str(run_dir), dtype="float32", tokenizer=tok, finished=finished).merge_and_unload()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # what --out held is replaced only once the merged model is complete
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        (tmp / "DONE").write_text(f"merged from {run_dir}\n")
     return out
+
+
+def _is_merged(path: Path) -> bool:
+    done = path / "DONE"
+    return done.is_file() and done.read_text().startswith("merged from")
 
 
 def right_padded_batches(seqs: list[list[int]], batch_size: int, pad_id: int):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.errors import UserError
-from posttrain.runs import write_atomic
+from posttrain.runs import atomic_dir, check_output_dir
 from posttrain.templates import pad_id
 
 ATOL = RTOL = 1e-4
@@ -46,7 +46,6 @@ ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 PREFIX = "_orig_mod."
 # What the `import-nanogpt` command writes besides the model and tokenizer files.
-RUN_FILES = ("summary.json", "README.md", "DONE")
 
 
 @dataclass
@@ -77,7 +76,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                             "'model_args': dict(...)})") from None
         reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip() or text
         raise UserError(f"{path}: not a PyTorch checkpoint ({reason.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch.load fails in many ways on a file that is not a checkpoint
         raise UserError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
         found = f"keys {sorted(map(str, raw))[:6]}" if isinstance(raw, dict) else type(raw).__name__
@@ -89,6 +88,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: 'model' must be a state dict of tensors")
     state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"{path}: weight {bad} holds NaN or inf values; import a checkpoint saved before training diverged")
     # The causal mask nanoGPT registers when flash attention is off: a constant, not a weight.
     state = {k: v for k, v in state.items() if not _is_mask(k, v)}
     expected = expected_shapes(args)
@@ -296,6 +298,9 @@ def import_nanogpt(checkpoint: str | Path, out_dir: str | Path, tokenizer: str |
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another output directory")
+    # not under a file, writable, and never someone else's files: only an earlier import is replaced
+    check_output_dir(out, "OUT_DIR", lambda d: (d / "summary.json").exists() and not (d / "recipe.yaml").exists(),
+                     "an earlier import")
     if out.is_dir() and any(out.iterdir()) and not force:
         state = "a finished import (DONE)" if (out / "DONE").exists() else "files"
         raise UserError(f"{out} already holds {state}; pass --force to overwrite it or choose another output directory")
@@ -312,25 +317,24 @@ def import_nanogpt(checkpoint: str | Path, out_dir: str | Path, tokenizer: str |
     if not a["bias"]:
         print("bias=False: Hugging Face GPT-2 always has biases; they are zeros")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # with --force, an old DONE must not outlive the files it vouched for
-        (out / name).unlink(missing_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    # Verify what is on disk, not the object in memory: that is what later stages will load.
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    report = verify(ckpt, reloaded, tok, show=True)
-
-    summary = {
-        "source": str(ckpt.path), "n_layer": a["n_layer"], "n_head": a["n_head"], "n_embd": a["n_embd"],
-        "block_size": a["block_size"], "bias": a["bias"], "vocab_size": vocab, "vocab_size_checkpoint": a["vocab_size"],
-        **{k: report[k] for k in ("max_abs_logit_diff", "positions_checked", "params_nanogpt", "params_hf",
-                                  "params_cut_vocab", "params_zero_bias")},
-        "atol": ATOL, "rtol": RTOL, "seconds": round(time.time() - started, 1),
-    }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    write_atomic(out / "README.md", _card(summary, out))
-    write_atomic(out / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    # Written into a staging directory that becomes OUT_DIR only once verified: a failed import leaves
+    # nothing behind (and --force replaces an earlier import only then).
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        # Verify what is on disk, not the object in memory: that is what later stages will load.
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        report = verify(ckpt, reloaded, tok, show=True)
+        summary = {
+            "source": str(ckpt.path), "n_layer": a["n_layer"], "n_head": a["n_head"], "n_embd": a["n_embd"],
+            "block_size": a["block_size"], "bias": a["bias"], "vocab_size": vocab, "vocab_size_checkpoint": a["vocab_size"],
+            **{k: report[k] for k in ("max_abs_logit_diff", "positions_checked", "params_nanogpt", "params_hf",
+                                      "params_cut_vocab", "params_zero_bias")},
+            "atol": ATOL, "rtol": RTOL, "seconds": round(time.time() - started, 1),
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / "README.md").write_text(_card(summary, out))
+        (tmp / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     print(f"import-nanogpt done: {out}")
     return out
 

@@ -15,6 +15,7 @@ import torch
 
 from posttrain import data as datalib
 from posttrain.errors import UserError
+from posttrain.templates import apply_template
 
 
 def load_pairs(path: str, columns: list[str] | None = None, limit: int | None = None) -> tuple[list[dict], dict]:
@@ -98,8 +99,8 @@ def encode(tok, pair: dict) -> tuple[list[int], list[int], list[int]]:
         if not tok.chat_template:
             raise UserError("model.path: conversational pairs need a chat model (one with a chat template); run SFT first "
                             "or set model.chat_template")
-        head = list(tok.apply_chat_template(pair["prompt"], add_generation_prompt=True, return_dict=False))
-        full = {k: list(tok.apply_chat_template(pair["prompt"] + pair[k], return_dict=False)) for k in ("chosen", "rejected")}
+        head = list(apply_template(tok, pair["prompt"], add_generation_prompt=True, return_dict=False))
+        full = {k: list(apply_template(tok, pair["prompt"] + pair[k], return_dict=False)) for k in ("chosen", "rejected")}
     else:
         head = tok.encode(pair["prompt"], add_special_tokens=False)
         full = {k: tok.encode(pair["prompt"] + pair[k], add_special_tokens=False) + [tok.eos_token_id]

@@ -17,9 +17,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from posttrain.world.facts import FIRST_NAMES
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are typos; inf and nan are never a setting (`lr: .inf` trains to NaN weights).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- shared sections -------------------------------------------------------------------------------
@@ -28,7 +31,7 @@ class Section(BaseModel):
 class LoraConfig(Section):
     """LoRA adapters (peft). Omit `model.lora` for full fine-tuning."""
 
-    r: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, le=65536)  # at most the layer width too, checked against a local model's config
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -128,8 +131,8 @@ class Suite(PromptSet):
 
 class Recipe(Section):
     stage: str
-    output_dir: str
-    seed: int = 0
+    output_dir: str = Field(min_length=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range (data shuffling seeds numpy too)
     logging: LoggingSection = LoggingSection()
 
     @model_validator(mode="after")
@@ -166,7 +169,7 @@ class Recipe(Section):
 
 
 class WorldSection(Section):
-    people: int = Field(240, gt=0)
+    people: int = Field(240, gt=0, le=len(FIRST_NAMES))  # everyone has a first name of their own
     heldout_fraction: float = Field(0.25, ge=0, lt=1)
     bios_per_person: int = Field(6, gt=0)
     skill_docs: int = Field(500, ge=0)

@@ -20,31 +20,102 @@ from posttrain.stages import STAGES
 def load_recipe(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises UserError with a one-line message."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a recipe file (e.g. recipes/world/sft.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: recipe not found; recipes live in recipes/ (e.g. recipes/world/sft.yaml)")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{where}: YAML syntax error: {problem}; fix the YAML at that line") from None
+    raw, text = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys to values")
     for item in overrides:
         apply_override(raw, item)
     name = raw.get("stage")
+    if not isinstance(name, str) or name not in STAGES:
+        shown = _short(name)
+        hint = _did_you_mean(str(name), STAGES) if isinstance(name, str) else ""
+        raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {shown}{hint}; stages: {', '.join(STAGES)}")
     if stage is not None and name != stage:
         raise UserError(f"{path}: this is a {name!r} recipe, but `posttrain {stage}` needs stage: {stage}")
-    cls = STAGES[name].recipe if name in STAGES else None
-    if cls is None:
-        hint = _did_you_mean(str(name), STAGES)
-        raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {name!r}{hint}; stages: {', '.join(STAGES)}")
+    cls = STAGES[name].recipe
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
         raise UserError(_explain(e, cls, path, text)) from None
+
+
+# A recipe is a few dozen values; a YAML document that expands to more is an alias bomb (a few lines
+# of nested anchors that expand to billions of values), refused before anything builds or prints it.
+MAX_VALUES = 10_000
+
+
+def read_yaml(path: Path) -> tuple[object, str]:
+    """(value, text) of a YAML file read with the safe loader (no tags that build objects), refusing
+    what safe_load lets through silently: bytes that are not UTF-8 text, a key given twice in one
+    mapping (YAML keeps the last), and aliases that expand past MAX_VALUES values."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+    if "\x00" in text:
+        raise UserError(f"{path}: holds NUL bytes: a binary file, not YAML text")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, text
+        _check_node(node, path)
+        return loader.construct_document(node), text
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: YAML syntax error: {problem}; fix the YAML at that line") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _check_node(root: yaml.Node, path: Path) -> None:
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, active: frozenset) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise UserError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself; write the value out")
+        n = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in seen:
+                        raise UserError(f"{path}:{key.start_mark.line + 1}: key {_short(key.value)} appears twice in one "
+                                        f"mapping (first on line {seen[key.value]}); YAML would keep the last silently: "
+                                        "remove one")
+                    seen[key.value] = key.start_mark.line + 1
+                n += size(key, active | {id(node)}) + size(value, active | {id(node)})
+        elif isinstance(node, yaml.SequenceNode):
+            n += sum(size(item, active | {id(node)}) for item in node.value)
+        if n > MAX_VALUES:
+            raise UserError(f"{path}:{node.start_mark.line + 1}: YAML aliases here expand to more than {MAX_VALUES:,} "
+                            "values (an alias bomb?); write the values out")
+        sizes[id(node)] = n
+        return n
+
+    size(root, frozenset())
+
+
+def _short(value: object, width: int = 60) -> str:
+    """repr() cut to `width` characters, built without expanding a huge value first."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, width, width
+    shown = r.repr(value)
+    return shown if len(shown) <= width else shown[: width - 3] + "..."
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -85,7 +156,7 @@ def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) ->
         return f"{where}: missing required key {key}; add it to the recipe{more}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    shown = f" (got {_short(got)})" if got is not None and not isinstance(got, dict) else ""
     return f"{where}: {key}: {msg}{shown}{more}"
 
 

@@ -16,7 +16,7 @@ exactly what this returns, so what you see is what the trainer gets.
 from __future__ import annotations
 
 from posttrain.errors import UserError
-from posttrain.templates import end_of_turn, has_generation_markers, render_text
+from posttrain.templates import apply_template, end_of_turn, has_generation_markers, render_text
 
 LOSS_MODES = ("assistant_only", "completion_only", "all")
 
@@ -41,17 +41,17 @@ def render(tokenizer, row: dict, fmt: str, mode: str) -> tuple[list[int], list[i
     if fmt == "messages":
         if mode == "assistant_only":
             if has_generation_markers(tokenizer.chat_template):
-                out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                out = apply_template(tokenizer, row["messages"], tokenize=True, return_dict=True,
                                                     return_assistant_tokens_mask=True)
                 return list(out["input_ids"]), list(out["assistant_masks"])
             return template_mask(tokenizer, row["messages"])
-        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False)
+        ids = apply_template(tokenizer, row["messages"], tokenize=True, return_dict=False)
         return list(ids), [1] * len(ids)
     if fmt == "prompt_completion":
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):  # conversational: the template closes the turn itself
-            head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-            ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False)
+            head = apply_template(tokenizer, prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = apply_template(tokenizer, prompt + completion, tokenize=True, return_dict=False)
         else:
             head = tokenizer.encode(prompt, add_special_tokens=False)
             ids = tokenizer.encode(prompt + completion, add_special_tokens=False) + [tokenizer.eos_token_id]

@@ -141,7 +141,11 @@ class Run:
             )
         self.fresh = force or different  # start over: no checkpoint of this directory is resumed
         if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            check_output_dir(self.dir, "output_dir")
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"output_dir: cannot create {self.dir} ({e.strerror}); choose another path") from None
             self._lock()
             if self.fresh:
                 self._clear()
@@ -229,6 +233,7 @@ class Run:
         (README.md) written, and DONE, last. A stage calls it on the main process only."""
         if save is not None:
             save(str(self.dir))
+            check_finite_weights(self.dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.dir))
         if curves:
@@ -254,6 +259,22 @@ class Run:
             self._lock_file = None
 
 
+def check_finite_weights(folder: Path) -> None:
+    """Every tensor a stage saved (the model, a merged model, an adapter) holds finite numbers: DONE is
+    never written over NaN or inf weights."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*/*.safetensors")):
+        if "checkpoints" in file.parts:
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle is not iterable
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not t.isfinite().all():
+                    raise UserError(f"{file}: {name} holds NaN or inf after training, so DONE is not written; the run "
+                                    "diverged: lower train.lr, then run it again with --force")
+
+
 def _plain(v):
     """JSON-friendly scalars (tensors and numpy numbers become floats)."""
     if hasattr(v, "item") and callable(v.item):
@@ -264,10 +285,38 @@ def _plain(v):
 
 
 def require_done(path: str | Path, key: str) -> Path:
-    """A run directory that a stage reads from must be finished."""
+    """A run directory that a stage reads from must be finished. Ours are marked by recipe.yaml (a stage)
+    or summary.json (import-nanogpt), and DONE is written last, only once everything was verified."""
     p = Path(path)
-    if p.is_dir() and (p / "recipe.yaml").exists() and not (p / "DONE").exists():
+    ours = (p / "recipe.yaml").exists() or (p / "summary.json").exists()
+    if p.is_dir() and ours and not (p / "DONE").exists():
         raise UserError(f"{key}: {p} is an unfinished run (no DONE file); finish or rerun that stage first")
+    return p
+
+
+def is_run_dir(p: Path) -> bool:
+    """A stage's run directory: recipe.yaml is written right after the lock, before anything else."""
+    return (p / "recipe.yaml").exists() or (p / ".lock").exists()
+
+
+def check_output_dir(path: str | Path, key: str, replaceable=is_run_dir, what: str = "a posttrain run") -> Path:
+    """An output directory posttrain may write (and later replace): not a file, not under a file,
+    writable, and either absent, empty, or one that `replaceable` recognises as this writer's own
+    output (a stage's run, a compare report, a merged model). Anything else is refused: never written
+    into, never deleted."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key}: {p} is a file, not a directory; choose another path")
+    parent = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{key}: {p} is under {parent}, which is a file; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{key}: cannot write under {parent} (permission denied); choose another path")
+    if p.is_dir() and any(p.iterdir()) and not replaceable(p):
+        names = sorted(c.name for c in p.iterdir())
+        shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+        raise UserError(f"{key}: {p} exists and is not {what} ({shown}); it is never written into or deleted: "
+                        "choose another path")
     return p
 
 

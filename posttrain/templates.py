@@ -19,10 +19,42 @@ STOP = re.compile(r"stop:\s*(\S+)")
 
 
 def read_template(path: str) -> str:
+    """A chat template file's text, checked: UTF-8, not empty, and valid Jinja (compiled as
+    transformers compiles it, so a syntax error names its line here, not deep inside a training run)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model.chat_template: {path} not found; templates live in data_templates/ (e.g. data_templates/chatml.jinja)")
-    return p.read_text()
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"model.chat_template: {path} is not UTF-8 text; save it as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"model.chat_template: {path} is empty; a template renders the conversation")
+    check_template(text, str(path))
+    return text
+
+
+def check_template(text: str, where: str) -> None:
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: the template is checked when it first renders
+        return
+    try:
+        _compile_jinja_template(text)
+    except TemplateError as e:
+        line = f":{e.lineno}" if getattr(e, "lineno", None) else ""
+        raise UserError(f"model.chat_template: {where}{line}: not a valid Jinja template ({e.message or e}); "
+                        "fix the template") from None
+
+
+def apply_template(tokenizer, messages: list[dict], **kw):
+    """tokenizer.apply_chat_template(messages, **kw), where a template that fails on a conversation (its own
+    raise_exception, a sandbox violation, an undefined name) is a one-line error, not a traceback."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kw)
+    except TemplateError as e:
+        raise UserError(f"model.chat_template: the chat template fails on this conversation ({e}); fix the template "
+                        "or the data") from None
 
 
 def has_generation_markers(template: str) -> bool:
@@ -30,12 +62,8 @@ def has_generation_markers(template: str) -> bool:
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The chat template's text for `messages`; a template that fails to render is a recipe error."""
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise UserError(f"model.chat_template: the template fails on this conversation ({e}); fix the template "
-                        "or the data") from None
+    """The chat template's text for `messages`."""
+    return apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 _EOT_CACHE: dict[tuple[str, frozenset], str | None] = {}
@@ -83,7 +111,7 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     when the tokenizer has one, else the plain text after a BOS."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(apply_template(tokenizer, messages, add_generation_prompt=True, tokenize=True, return_dict=False))
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer.encode(text, add_special_tokens=False)

@@ -99,6 +99,11 @@ class MetricsCallback(TrainerCallback):
         self.progress.start(state.max_steps, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kw):
+        for key in ("loss", "grad_norm", "eval_loss"):  # every process logs the same (gathered) values
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"train: {key} became {value} at step {state.global_step}: the run diverged and stopped "
+                                "without DONE; lower train.lr (or raise train.warmup), then run it again with --force")
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if logs:
             self.run.log(state.global_step, logs)

@@ -127,7 +127,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, tiny_sft):
         ([f"a={tiny_sft}", "--suite", str(typo)], "unknown key max_tokens (did you mean 'max_new_tokens'?)"),
         ([f"a={tiny_sft}", "--suite", str(bad_metric)], "unknown metric 'rewards' (did you mean 'reward'?)"),
         ([f"a={tiny_sft}", "--suite", "eval/generic.yaml", "--ref", "b"], "--ref b: not one of the models"),
-        ([f"a={tiny_sft}", "--suite", "eval/generic.yaml", "--out", str(tiny_sft)], "does not hold a compare report"),
+        ([f"a={tiny_sft}", "--suite", "eval/generic.yaml", "--out", str(tiny_sft)], "is not a compare report"),
     ]
     for args, message in cases:
         proc = cli("compare", *args)

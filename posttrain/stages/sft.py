@@ -75,6 +75,9 @@ def encode(tok, rows: list[dict], fmt: str, mode: str, max_length: int, overlong
             continue
         ids_all.append(ids)
         labels_all.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+    if not ids_all and n_empty and not n_long:
+        raise UserError(f"data.{name}: no example has a token to train on: the chat template renders none of the "
+                        f"answers (check model.chat_template) or sft.loss {mode} masks them all")
     if not ids_all:
         raise UserError(f"data.{name}: no example left to train on: {n_long} of {len(rows)} are longer than "
                         f"data.max_length={max_length} ({overlong}); raise data.max_length")
