@@ -33,7 +33,6 @@ answers.jsonl, plots/*.png and DONE, assembled in a temporary directory that is 
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import time
@@ -47,7 +46,7 @@ from posttrain.errors import UserError
 from posttrain.inputs import read_model_config
 from posttrain.metrics import COMPARE_ROWS, METRIC_GROUPS, NEEDS_VERIFIER
 from posttrain.recipe import Suite
-from posttrain.recipe_file import read_yaml
+from posttrain.recipe_file import did_you_mean, read_yaml
 from posttrain.report import html_page, markdown, print_tables
 from posttrain.runs import atomic_dir, check_output_dir, read_metrics
 
@@ -64,21 +63,16 @@ def load_suite(path: str | Path) -> Suite:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(suite)"
         if err["type"] == "extra_forbidden":
-            raise UserError(f"{path}: unknown key {key}{_did_you_mean(key, Suite.model_fields)}; "
+            raise UserError(f"{path}: unknown key {key}{did_you_mean(key, Suite.model_fields)}; "
                             f"suite keys: {', '.join(Suite.model_fields)}") from None
         raise UserError(f"{path}: {key}: {err['msg']}") from None
     for name in suite.metrics:
         if name not in METRIC_GROUPS:
-            raise UserError(f"{path}: unknown metric {name!r}{_did_you_mean(name, METRIC_GROUPS)}; "
+            raise UserError(f"{path}: unknown metric {name!r}{did_you_mean(name, METRIC_GROUPS)}; "
                             f"metrics: {', '.join(METRIC_GROUPS)}")
     if "kl" in suite.metrics and suite.samples == 0:
         raise UserError(f"{path}: metric 'kl' is estimated from sampled answers; set samples: 1 or more, or drop kl")
     return suite
-
-
-def _did_you_mean(word: str, choices) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:

@@ -22,13 +22,13 @@ import tempfile
 from pathlib import Path
 
 from posttrain.errors import UserError
+from posttrain.inputs import GPT2_NAMES, is_hub_id
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS_ID = 50256
 GPT2_CONTEXT = 1024
 # Names that mean "GPT-2's tokenizer" on the Hub; the packaged copy is the same files, so we use it
 # instead of downloading.
-GPT2_NAMES = ("gpt2", "openai-community/gpt2")
 # (vocabulary, merges) file names, OpenAI's layout first.
 LAYOUTS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
@@ -107,8 +107,6 @@ def load_tokenizer(path: str | Path):
     if p.is_dir() and bpe_files(p) is not None and ((p / "encoder.json").is_file() or not hf_saved):
         return bpe_tokenizer(p)
     from transformers import AutoTokenizer
-
-    from posttrain.inputs import is_hub_id
 
     if not p.exists() and not is_hub_id(str(path)):
         raise UserError(f"{path}: tokenizer directory not found")

@@ -19,6 +19,8 @@ from posttrain.errors import UserError
 from posttrain.recipe import Recipe
 from posttrain.runs import require_done
 
+# GPT-2's tokenizer under its Hub names, served from packaged files (gpt2_tokenizer.py): never the Hub
+GPT2_NAMES = ("gpt2", "openai-community/gpt2")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -42,7 +44,7 @@ def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
         if p.exists():
             require_done(p, key)
             continue
-        if key == "pretrain.tokenizer.path" and value in ("gpt2", "openai-community/gpt2"):
+        if key == "pretrain.tokenizer.path" and value in GPT2_NAMES:
             continue  # GPT-2's tokenizer ships with posttrain's dependencies (gpt2_tokenizer.py): no Hub
         if is_hub_id(value) and not _partly_local(p):
             notes.append(_hub_name(key, value, offline))

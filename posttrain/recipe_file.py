@@ -32,7 +32,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), stage: str | None =
     name = raw.get("stage")
     if not isinstance(name, str) or name not in STAGES:
         shown = _short(name)
-        hint = _did_you_mean(str(name), STAGES) if isinstance(name, str) else ""
+        hint = did_you_mean(str(name), STAGES) if isinstance(name, str) else ""
         raise UserError(f"{path}:{_line(text, ('stage',))}: unknown stage {shown}{hint}; stages: {', '.join(STAGES)}")
     if stage is not None and name != stage:
         raise UserError(f"{path}: this is a {name!r} recipe, but `posttrain {stage}` needs stage: {stage}")
@@ -150,7 +150,7 @@ def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) ->
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
         known = _fields_at(cls, loc[:-1])
-        hint = _did_you_mean(loc[-1], known) or (f"; known keys here: {', '.join(known)}" if known else "")
+        hint = did_you_mean(loc[-1], known) or (f"; known keys here: {', '.join(known)}" if known else "")
         return f"{where}: unknown key {key}{hint}{more}"
     if err["type"] == "missing":
         return f"{where}: missing required key {key}; add it to the recipe{more}"
@@ -160,7 +160,7 @@ def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) ->
     return f"{where}: {key}: {msg}{shown}{more}"
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
