@@ -22,8 +22,9 @@ help:
 	@echo "make world      generate runs/world/data"
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
 	@echo "make compare    base vs SFT vs DPO vs PPO on the eval prompts (runs/world/compare)"
-	@echo "make sft | classify | reward | dpo | ppo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|zero2)"
-	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO on ../shared/data (recipes/examples/)"
+	@echo "make sft | classify | reward | dpo | ppo | grpo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|zero2)"
+	@echo "make rl         PPO, GRPO and RLOO on the gold verifier beside SFT and DPO (runs/world/rl)"
+	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO, GSM8K GRPO on ../shared/data (recipes/examples/)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed
@@ -81,7 +82,7 @@ endif
 needs = $(if $(RECIPE),setup,$(1))
 recipe = $(if $(RECIPE),$(RECIPE),recipes/world/$(1).yaml)
 
-.PHONY: sft classify reward dpo ppo compare
+.PHONY: sft classify reward dpo ppo grpo compare rl
 
 world: setup
 	$(PT) world $(call recipe,world)
@@ -104,12 +105,23 @@ dpo: $(call needs,sft)
 ppo: $(call needs,reward)
 	$(LAUNCH) ppo $(call recipe,ppo)
 
+grpo: $(call needs,sft)
+	$(LAUNCH) grpo $(call recipe,grpo)
+
 # --- the whole pipeline on the built-in world ---------------------------------------------------------
 
 # base, SFT, DPO and PPO answer the same eval prompts, scored by the gold verifier and the reward model.
 compare: $(call needs,dpo ppo)
 	$(PT) compare base=runs/world/base sft=runs/world/sft dpo=runs/world/dpo ppo=runs/world/ppo \
 		--reward runs/world/reward --ref sft --out runs/world/compare
+
+# Online RL on the gold verifier at one budget (1,280 sampled answers each): PPO, GRPO and RLOO, beside
+# SFT and DPO (runs/world/rl/report.html).
+rl: $(call needs,dpo grpo)
+	$(LAUNCH) ppo recipes/world/ppo_gold.yaml
+	$(LAUNCH) grpo recipes/world/rloo.yaml
+	$(PT) compare sft=runs/world/sft dpo=runs/world/dpo ppo_gold=runs/world/ppo_gold grpo=runs/world/grpo \
+		rloo=runs/world/rloo --ref sft --out runs/world/rl
 
 pipeline: world base sft classify reward dpo ppo compare
 	@echo "pipeline done: summaries in runs/world/*/summary.json, report in runs/world/compare/report.html"
@@ -121,8 +133,9 @@ clean:
 # SMS spam classification, Alpaca-style SFT, then a reward model and DPO on preference pairs from
 # that SFT run; all start from the world's base GPT. Each is skipped when its run is done.
 .PHONY: examples
-examples: $(call needs,base)
+examples: $(call needs,sft)
 	$(LAUNCH) classify recipes/examples/sms_spam.yaml
 	$(LAUNCH) sft recipes/examples/alpaca_sft.yaml
 	$(LAUNCH) reward recipes/examples/pref_reward.yaml
 	$(LAUNCH) dpo recipes/examples/pref_dpo.yaml
+	$(LAUNCH) grpo recipes/examples/gsm8k_grpo.yaml

@@ -243,14 +243,19 @@ def pick_examples(rows: list[dict], results: list[Result], n: int) -> list[int]:
     return picked
 
 
+ONLINE = ("ppo", "grpo")  # stages that sample their own answers and log proxy/gold per iteration or step
+
+
 def ppo_info(name: str, path: Path, rows: list[dict], plots: Path) -> dict:
-    """For a PPO run: its reward-hacking verdict and a proxy-vs-gold plot from its metrics rows."""
+    """For an online RL run (PPO, GRPO/RLOO): its reward-hacking verdict and a proxy-vs-gold plot from
+    its metrics rows."""
     from posttrain.plots import curves
 
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     info = {k: summary.get(k) for k in ("reward", "reward_hacking", "reward_hacking_iteration", "reward_hacking_reason",
                                         "final_proxy", "final_gold", "kl_to_ref")}
+    info["stage"] = summary.get("algorithm", _stage(path)).upper()
     flag = f" - REWARD HACKING flagged at iteration {info['reward_hacking_iteration']}" if info["reward_hacking"] else ""
     plot = curves(rows, ["proxy", "gold", "eval_proxy", "eval_gold"], plots / f"ppo_{name}.png",
                   f"{name}: proxy (reward model) vs gold reward{flag}")
@@ -259,12 +264,13 @@ def ppo_info(name: str, path: Path, rows: list[dict], plots: Path) -> dict:
 
 
 def gold_curves(runs: dict[str, list[dict]], path: Path) -> Path | None:
-    """The gold reward of each PPO run's rollouts per iteration (from its metrics rows), on one plot:
-    which reward signal raises the true score fastest."""
+    """The gold reward of each online run's answers per PPO iteration or GRPO step (from its metrics
+    rows; both sample 32 answers per iteration or step in the world recipes), on one plot: which
+    reward signal and which method raises the true score fastest."""
     from posttrain.plots import curves
 
     rows = [{"step": r["step"], name: r["gold"]} for name, metrics in runs.items() for r in metrics if "gold" in r]
-    return curves(rows, list(runs), path, "gold reward of the rollouts per PPO iteration", "gold reward")
+    return curves(rows, list(runs), path, "gold reward of the sampled answers per PPO iteration / GRPO step", "gold reward")
 
 
 def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: str | None = None, ref: str | None = None,
@@ -391,9 +397,9 @@ def _write_into(tmp: Path, report: dict, rows: list[dict], results: list[Result]
     for key in ("reward_score", "kl_to_ref", "mean_words"):
         if all(key in m for m in table.values()):
             made.append(bars({n: m[key] for n, m in table.items()}, plots / f"{key}.png", key))
-    ppo_rows = {name: read_metrics(path) for name, path in models.items() if _stage(path) == "ppo"}
+    ppo_rows = {name: read_metrics(path) for name, path in models.items() if _stage(path) in ONLINE}
     report["ppo"] = {name: ppo_info(name, models[name], rows, plots) for name, rows in ppo_rows.items()}
-    if len(ppo_rows) > 1:  # e.g. PPO through the reward model vs on the gold verifier directly
+    if len(ppo_rows) > 1:  # e.g. PPO through the reward model vs on the gold verifier, or PPO vs GRPO
         made.append(gold_curves(ppo_rows, plots / "ppo_gold_curves.png"))
     report["plots"] = [f"plots/{p.name}" for p in made if p is not None]
 

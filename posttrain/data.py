@@ -163,11 +163,13 @@ def _read_delimited(path: Path, columns: list[str] | None) -> Table:
 
 
 def _read_hub(source: str) -> Table:
+    """owner/name, owner/name:split, or owner/name:config:split (openai/gsm8k:main:test)."""
     name, _, split = source.partition(":")
+    config, _, split = split.rpartition(":")
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as e:  # network, auth, unknown name: all user-fixable
         raise UserError(f"{source}: could not load this Hub dataset ({type(e).__name__}: {e}); check the name, split and network") from None
     return Table(source, ds.to_list(), [])

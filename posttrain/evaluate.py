@@ -158,6 +158,22 @@ def _says(gen: Generation, value: str) -> bool:
     return re.search(rf"\b{re.escape(value)}\b", gen.text, re.IGNORECASE) is not None
 
 
+def greedy_eval(policy, tok, rows: list[dict], verifier, max_new_tokens: int, scorer=None,
+                norm: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """The gold score, fact accuracy, refusals and length of greedy answers during an RL run (logged as
+    eval_*), and with a reward model its standardised score (eval_proxy)."""
+    gens = answer(policy, tok, rows, max_new_tokens=max_new_tokens)
+    scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
+    m = {**answer_stats(gens), **gold_metrics(rows, scores, gens)}
+    out = {"eval_gold": m["gold_score"], "eval_fact_accuracy": m.get("fact_accuracy"),
+           "eval_refusal_rate": m.get("refusal_rate"), "eval_skill_accuracy": m.get("skill_accuracy"),
+           "eval_mean_tokens": m["mean_tokens"]}
+    if scorer is not None:
+        raw = scorer.score([r["prompt"] for r in rows], [g.text for g in gens])
+        out["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct n-grams over all n-grams across answers: a diversity measure that needs no verifier."""
     grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
@@ -185,7 +201,10 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
     if "prompt" not in table.rows[0] and "instruction" in table.rows[0]:  # Alpaca records: instruction (+ input) asks
         table.rows = [{**r, "prompt": datalib.alpaca_to_messages({**r, "output": ""})[0]["content"]}
                       if "instruction" in r else r for r in table.rows]
-    datalib.validate(table, "prompts")
+    field = getattr(cfg, "prompt_field", "prompt")  # GSM8K's prompts are its `question`s
+    datalib.validate(table, "prompts", {"prompt": field})
+    if field != "prompt":
+        table.rows = [{**r, "prompt": r[field]} for r in table.rows]
     skipped, ctx = 0, context_length(model) if model is not None else None
     if ctx is not None:  # an answer needs eval.max_new_tokens positions after its prompt in the model's context
         fits = [i for i, r in enumerate(table.rows) if len(prompt_ids(tokenizer, r["prompt"])) + cfg.max_new_tokens <= ctx]

@@ -240,6 +240,8 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[s
         threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
         cores = os.cpu_count() or 1
         batch = ("ppo.rollout_batch_size and ppo.minibatch_size are per process" if recipe.stage == "ppo" else
+                 f"train.batch_size is per process and counts answers: the global batch is {n} x batch_size x "
+                 "grad_accum answers, grpo.num_generations per prompt" if recipe.stage == "grpo" else
                  f"train.batch_size is per process: the global batch is {n} x batch_size x grad_accum")
         notes.append(f"{where}: {n} processes on the CPU, data parallel over gloo, OMP_NUM_THREADS={threads} each; {batch}")
         if n * threads > cores:

@@ -1,8 +1,8 @@
 """The reward-hacking monitor: does the optimised (proxy) reward keep rising while the gold reward falls?
 
 Any online RL stage that logs a proxy reward (a reward model) and a gold one (the world's verifier) per
-iteration reads its history with `detect_reward_hacking`; PPO does, and a group-relative stage will.
-The thresholds' defaults are the recipe's (posttrain/recipe.py MonitorSection, `ppo.monitor:`).
+iteration reads its history with `detect_reward_hacking`: PPO per iteration, GRPO and RLOO per logged step.
+The thresholds' defaults are the recipe's (posttrain/recipe.py MonitorSection, `ppo.monitor:`, `grpo.monitor:`).
 """
 
 from __future__ import annotations

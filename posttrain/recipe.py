@@ -118,6 +118,7 @@ class EvalSection(PromptSet):
 
     probe: str | None = None  # raw-text fact probes: compare with the starting model's own recall
     show: int = Field(5, ge=0)  # sample answers printed at the end
+    prompt_field: str = "prompt"  # the prompts file's column that holds the prompt (GSM8K: question)
 
 
 class Suite(PromptSet):
@@ -388,3 +389,104 @@ class PpoRecipe(FineTuneRecipe):
     eval: EvalSection = EvalSection()
     input_paths: ClassVar[tuple[str, ...]] = ("data.train", "model.path", "ppo.reward_model", "ppo.verifier",
                                               "eval.prompts", "eval.verifier")
+
+
+# --- group-relative RL (GRPO, RLOO) ---------------------------------------------------------------------
+
+RewardName = Literal["gold", "reward_model", "final_number", "exact", "choice", "format"]
+
+
+class RewardSource(Section):
+    """One reward of `grpo.rewards` (posttrain/rewards.py computes it). The optimised reward is the
+    weighted sum; every source is logged on its own, so weight 0 watches a reward without optimising it."""
+
+    source: RewardName
+    weight: float = Field(1.0, ge=0)
+    # gold: a world data directory (world.json); reward_model: a reward run (standardised on the
+    # starting policy's answers, as PPO does)
+    path: str | None = None
+    # final_number / exact / choice: the prompt file's column holding the right answer (GSM8K's
+    # "... #### 42", a string, a choice letter)
+    field: str | None = None
+    regex: str | None = None  # format: the answer must match this (Python re.search); default: it ends its turn
+    name: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_]*$")  # how it is logged; default: the source
+
+    @model_validator(mode="after")
+    def _arguments(self) -> RewardSource:
+        s = self.source
+        if s in ("gold", "reward_model") and not self.path:
+            what = "a world data directory (runs/world/data)" if s == "gold" else "a reward run (runs/world/reward)"
+            raise ValueError(f"source {s} needs path: {what}")
+        if s in ("final_number", "exact", "choice") and not self.field:
+            raise ValueError(f"source {s} needs field: the prompt column with the right answer (e.g. answer)")
+        if s != "format" and self.regex is not None:
+            raise ValueError(f"regex belongs to source format, not {s}; remove it")
+        if s not in ("final_number", "exact", "choice") and self.field is not None:
+            raise ValueError(f"field belongs to final_number, exact or choice, not {s}; remove it")
+        if s not in ("gold", "reward_model") and self.path is not None:
+            raise ValueError(f"path belongs to gold or reward_model, not {s}; remove it")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"regex {self.regex!r} does not compile: {e}") from None
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.source
+
+
+class GrpoSection(Section):
+    """Group-relative RL on TRL's GRPOTrainer or RLOOTrainer (posttrain/stages/grpo.py)."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"  # rloo: leave-one-out baseline, KL in the reward (RLOOTrainer)
+    rewards: list[RewardSource] = Field(min_length=1)
+    prompt_field: str = "prompt"  # the data.train column that holds the prompt (GSM8K: question)
+    num_generations: int = Field(8, ge=2)  # answers per prompt: the group each answer is compared within
+    # grpo only: how the per-token losses are averaged (TRL GRPOConfig.loss_type)
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    beta: float = Field(0.04, ge=0)  # KL to the reference; 0 loads no reference model
+    epsilon: float = Field(0.2, gt=0)  # clip range of the policy ratio (below 1)
+    epsilon_high: float | None = Field(None, gt=0)  # above 1 (DAPO's clip-higher); default: epsilon
+    # grpo: divide advantages by the group's std, the batch's, or not at all (Dr. GRPO); rloo: group
+    # and batch normalise the leave-one-out advantages over the batch, none leaves them raw
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = Field(1, gt=0)  # optimisation passes over each generated batch
+    max_completion_length: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    mask_truncated_completions: bool = False  # answers that never end get no gradient
+    eval_every: int = Field(10, gt=0)  # steps between greedy evaluations on eval.prompts (with a gold reward)
+    # TRL's vLLM generation (colocated in each training process); needs CUDA and `pip install vllm`
+    vllm: bool = False
+    monitor: MonitorSection = MonitorSection()
+
+    @model_validator(mode="after")
+    def _checks(self) -> GrpoSection:
+        labels = [r.label for r in self.rewards]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"rewards: {dup[0]} appears twice; give one of them a name: ...")
+        if not any(r.weight > 0 for r in self.rewards):
+            raise ValueError("rewards: every weight is 0, so nothing is optimised; give one a weight > 0")
+        if self.algorithm == "rloo" and self.loss_type != "dapo":
+            raise ValueError("loss_type: rloo has one loss (RLOOTrainer); remove grpo.loss_type or set algorithm: grpo")
+        return self
+
+
+class GrpoRecipe(FineTuneRecipe):
+    stage: Literal["grpo"]
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection(lr=1e-5, batch_size=32, max_steps=40, save_every=10)
+    grpo: GrpoSection
+    eval: EvalSection = EvalSection()
+    input_paths: ClassVar[tuple[str, ...]] = ("data.train", "model.path", "eval.prompts", "eval.verifier")
+
+    def paths(self) -> dict[str, str]:
+        out = super().paths()
+        for i, r in enumerate(self.grpo.rewards):
+            if r.path:
+                out[f"grpo.rewards.{i}.path"] = r.path
+        return out

@@ -6,6 +6,7 @@ is one line that names the file, the line where the key can be found, the key, a
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -145,8 +146,8 @@ def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) ->
     errors = e.errors()
     err = errors[0]
     loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
-    key = ".".join(loc) or "(recipe)"
-    where = f"{path}:{_line(text, loc)}"
+    key = ".".join(str(p) for p in err["loc"]) or "(recipe)"  # list items by index: grpo.rewards.0.source
+    where = f"{path}:{_line(text, tuple(err['loc']))}"
     more = f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":
         known = _fields_at(cls, loc[:-1])
@@ -156,6 +157,8 @@ def _explain(e: ValidationError, cls: type[BaseModel], path: Path, text: str) ->
         return f"{where}: missing required key {key}; add it to the recipe{more}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
+    if err["type"] == "literal_error" and isinstance(got, str):
+        msg += did_you_mean(got, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
     shown = f" (got {_short(got)})" if got is not None and not isinstance(got, dict) else ""
     return f"{where}: {key}: {msg}{shown}{more}"
 
@@ -189,14 +192,21 @@ def _section_type(annotation: Any) -> Any:
     return None
 
 
-def _line(text: str, loc: tuple[str, ...]) -> int:
-    """The 1-based line where the deepest existing key of `loc` appears in the YAML text (1 if none)."""
+def _line(text: str, loc: tuple) -> int:
+    """The 1-based line where the deepest existing key (or list item, by index) of `loc` appears in the
+    YAML text (1 if none)."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return 1
     line = 1
     for part in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                break
+            node = node.value[part]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for k, v in node.value:

@@ -59,7 +59,7 @@ def _blocks(rep: dict) -> list[tuple]:
         verdict = ("**reward hacking flagged** at iteration "
                    f"{p['reward_hacking_iteration']}: {p['reward_hacking_reason']}" if p["reward_hacking"]
                    else "no reward hacking flagged" if p["reward_hacking"] is False else "not monitored (needs both a reward model and the verifier)")
-        out += [("h2", f"PPO run `{name}`: proxy vs gold"), ("p", f"Reward: {p['reward'] or '-'}; {verdict}.")]
+        out += [("h2", f"{p.get('stage', 'PPO')} run `{name}`: proxy vs gold"), ("p", f"Reward: {p['reward'] or '-'}; {verdict}.")]
         if p["plot"]:
             out.append(("img", p["plot"], f"{name}: proxy and gold reward per iteration"))
     out.append(("h2", "Plots"))

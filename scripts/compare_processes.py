@@ -11,7 +11,8 @@ the order of floating-point sums; the table lists the loss of every logged step 
 PPO's batch is its rollout: rollout_batch_size and minibatch_size are divided the same way, each
 epoch is one minibatch, and top_p is tiny so that sampling picks the most likely token: rollouts
 then do not depend on how the processes split the random stream (with real sampling each process
-draws its own samples, and only the distribution of the curves agrees).
+draws its own samples, and only the distribution of the curves agrees). GRPO samples for real: each
+answer has a random stream of its own (posttrain/sampling.py), so both runs draw the same answers.
 
 Inputs (a small world, a tiny base GPT, an SFT model and a reward model) are built first with
 one process, as tests/conftest.py builds its fixtures. Everything goes under --out; the table is
@@ -35,7 +36,7 @@ from posttrain.stages import STAGES as REGISTRY
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = [name for name in REGISTRY if name != "world"]  # every stage that trains, in pipeline order
 # Stage -> the metrics.jsonl keys compared (the first is the loss in the table).
-KEYS = {"ppo": ("policy_loss", "value_loss", "score", "kl")}
+KEYS = {"ppo": ("policy_loss", "value_loss", "score", "kl"), "grpo": ("reward", "kl", "completions/mean_length")}
 DEFAULT_KEYS = ("loss",)
 
 
@@ -141,6 +142,11 @@ def stage_recipe(stage: str, inputs: dict[str, Path], output_dir: Path, batch: i
                 f"rollout_batch_size: {batch}, minibatch_size: {batch}, ppo_epochs: 2, max_new_tokens: 12, "
                 f"top_p: 1.0e-6, eval_every: 1000}}\n"
                 f"train: {{lr: 1.0e-4, save_every: 1000}}\n" + answers + common)
+    if stage == "grpo":  # batch counts answers: batch / 4 prompts per process and step, 4 answers each
+        return (f"stage: grpo\nmodel: {{path: {inputs['sft']}}}\n"
+                f"data: {{train: {w}/ppo_prompts.jsonl, max_length: 128}}\n"
+                f"grpo: {{rewards: [{{source: gold, path: {w}}}], num_generations: 4, max_completion_length: 12, "
+                f"eval_every: 1000}}\n" + train.replace("{lr}", "1.0e-3") + answers + common)
     raise ValueError(stage)
 
 

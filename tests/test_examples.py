@@ -22,7 +22,7 @@ SMS = SHARED_DATA / "sms_spam_collection" / "SMSSpamCollection"
 PREFS = SHARED_DATA / "llms_from_scratch" / "instruction-data-with-preference.json"
 pytestmark = pytest.mark.skipif(not SMS.is_file() or not PREFS.is_file(), reason=f"{SHARED_DATA} (SMS spam, LLMs-from-scratch ch. 7 data) is absent")
 
-RECIPES = ["sms_spam", "alpaca_sft", "pref_reward", "pref_dpo"]
+RECIPES = ["sms_spam", "alpaca_sft", "pref_reward", "pref_dpo", "gsm8k_grpo"]
 
 
 def stand_in_run(path: Path) -> Path:

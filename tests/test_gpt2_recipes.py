@@ -97,6 +97,8 @@ def hub(tmp_path_factory) -> dict[str, str]:
            "rejected": [assistant(text(4))]} for _ in range(8)]
     # trl-lib/ultrafeedback-prompt: only `prompt`, one user message.
     prompts = [{"prompt": [user(text(8) + "?")]} for _ in range(8)]
+    # openai/gsm8k (config main): question, answer ending in "#### N".
+    gsm8k = [{"question": text(12) + "?", "answer": f"{text(6)} <<2+{i}={2 + i}>>\n#### {2 + i}"} for i in range(8)]
     # ucirvine/sms_spam: sms, label (a ClassLabel: to_list() gives 0 = ham, 1 = spam); real messages.
     lines = [line.split("\t", 1) for line in SMS.read_text(encoding="utf-8").splitlines()]
     sms = ([{"sms": t, "label": 0} for k, t in lines if k == "ham"][:20]
@@ -112,6 +114,8 @@ def hub(tmp_path_factory) -> dict[str, str]:
         "trl-lib/ultrafeedback-prompt:train": jsonl(d / "uf_train.jsonl", prompts),
         "trl-lib/ultrafeedback-prompt:test": jsonl(d / "uf_test.jsonl", prompts[:4]),
         "ucirvine/sms_spam:train": jsonl(d / "sms.jsonl", sms),
+        "openai/gsm8k:main:train": jsonl(d / "gsm8k_train.jsonl", gsm8k),
+        "openai/gsm8k:main:test": jsonl(d / "gsm8k_test.jsonl", gsm8k[:4]),
         "stanfordnlp/imdb:train": jsonl(d / "imdb_train.jsonl", imdb),
     }
 
@@ -182,6 +186,14 @@ def test_ppo_recipe(hub, runs, sft_run, reward_run, tmp_path):
     assert s["iterations"] == 2 and "final_proxy" in s and "kl_to_ref" in s
 
 
+def test_grpo_recipe(hub, runs, sft_run, tmp_path):
+    run = run_stage("grpo", *swap("grpo", hub, runs, tmp_path / "grpo"), *SMALL_EVAL, "train.max_steps=2",
+                    "train.batch_size=8", "grpo.num_generations=4", "grpo.max_completion_length=8", "train.save_every=1")
+    s = summary(run)
+    assert s["steps"] == 2 and s["answers_sampled"] == 16 and 0.0 <= s["eval_final_number"] <= 1.0
+    assert "final_zero_std_share" in s and "kl_to_ref" in s
+
+
 def test_classify_recipe(hub, runs, tmp_path):
     run = run_stage("classify", *swap("classify", hub, runs, tmp_path / "classify"), *SMALL)
     s = summary(run)
@@ -204,7 +216,7 @@ SPLITS_ACCEPTED = is_hub_id("trl-lib/Capybara:test")
 
 @pytest.mark.xfail(not SPLITS_ACCEPTED, strict=True,
                    reason="posttrain.inputs.is_hub_id rejects owner/name:split, so validate calls these datasets missing files")
-@pytest.mark.parametrize("stage", ["sft", "classify", "reward", "dpo", "ppo", "pretrain"])
+@pytest.mark.parametrize("stage", ["sft", "classify", "reward", "dpo", "ppo", "grpo", "pretrain"])
 def test_validate_offline(stage, sft_run, reward_run, runs):
     raw = yaml.safe_load((RECIPES / f"{stage}.yaml").read_text())
     overrides = [f"{key}={runs[value.removeprefix('runs/gpt2/')]}"

@@ -31,7 +31,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 def timing(key: str) -> bool:
     """Wall-clock keys: the only ones allowed to differ between a resumed and an uninterrupted run."""
-    return (key in ("seconds", "train_seconds", "time_generate_fraction") or key.startswith("time_")
+    return (key in ("seconds", "train_seconds", "time_generate_fraction", "step_time") or key.startswith("time_")
             or key.endswith(("_runtime", "_per_second")))
 
 
@@ -163,6 +163,25 @@ output_dir: {out}
 """)
     killed = kill_and_resume("ppo", recipe, "checkpoint-2", processes)
     assert 4 <= max(r["step"] for r in killed) < 8
+
+
+@pytest.mark.parametrize("processes", PROCESSES)
+def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_sft, processes):
+    """Answers are sampled with a random stream each (posttrain/sampling.py): the resumed run draws
+    the answers the uninterrupted one drew, so it ends with the same weights, bit for bit."""
+    out = tmp_path / "grpo"
+    recipe = write(tmp_path / "grpo.yaml", f"""\
+stage: grpo
+model: {{path: {tiny_sft}}}
+data: {{train: {small_world}/ppo_prompts.jsonl, max_length: 128}}
+grpo: {{rewards: [{{source: gold, path: {small_world}}}], num_generations: 4, max_completion_length: 12, eval_every: 4}}
+eval: {{prompts: {small_world}/eval_prompts.jsonl, verifier: {small_world}, limit: 8, max_new_tokens: 12}}
+train: {{max_steps: 8, batch_size: {8 // processes}, lr: 1.0e-3, save_every: 2, keep_checkpoints: 2}}
+logging: {{every: 1}}
+output_dir: {out}
+""")
+    killed = kill_and_resume("grpo", recipe, "checkpoint-2", processes)
+    assert 3 <= max(r["step"] for r in killed) < 8
 
 
 def tiny_pretrain(tmp_path, small_world) -> tuple[Path, Path]:

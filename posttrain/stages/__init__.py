@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from posttrain.recipe import (
     ClassifyRecipe,
     DpoRecipe,
+    GrpoRecipe,
     PpoRecipe,
     PretrainRecipe,
     Recipe,
@@ -83,4 +84,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "sum; both are logged every iteration, and a monitor flags reward hacking (proxy up while gold falls). "
           "Works under `accelerate launch` with several processes.",
           world_recipe="recipes/world/ppo.yaml", needs=("sft", "reward")),
+    Stage("grpo", GrpoRecipe, "group-relative RL (GRPO or RLOO) on verifiable rewards",
+          "Optimise a chat model with TRL's GRPOTrainer (grpo.algorithm: grpo; loss_type grpo/dr_grpo/dapo/bnpo) or "
+          "RLOOTrainer (rloo): num_generations answers per prompt, each judged against its group. Rewards are named in "
+          "the recipe and weighted: the world's gold verifier, a reward model run, or verifiable checks on a prompt "
+          "field (final_number, exact, choice) and format. Every reward, the share of groups with no signal (all "
+          "answers scored alike), KL, clipping and length are logged; the hacking monitor watches proxy vs gold.",
+          world_recipe="recipes/world/grpo.yaml", needs=("sft",), trainer=True, trl_peft=True),
 )}

@@ -28,32 +28,16 @@ from accelerate import Accelerator
 
 from posttrain import data as datalib
 from posttrain.errors import UserError
-from posttrain.evaluate import answer, answer_stats, evaluate_prompts, gold_metrics, policy_kl
+from posttrain.evaluate import evaluate_prompts, greedy_eval, policy_kl
 from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config
 from posttrain.monitor import check_history
 from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer
 from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
+from posttrain.rewards import load_prompts, proxy_norm
 from posttrain.runs import Curve, Run, atomic_dir
-from posttrain.templates import prompt_ids, stop_ids
+from posttrain.templates import stop_ids
 from posttrain.training import Progress
-
-
-def load_prompts(recipe: PpoRecipe, tok, limit_context: int) -> tuple[list[dict], list[list[int]]]:
-    """Prompt rows and their token ids; empty prompts and prompts too long to answer are errors."""
-    table = datalib.load(recipe.data.train, recipe.data.columns, recipe.data.limit)
-    datalib.validate(table, "prompts")
-    ids = []
-    for i, row in enumerate(table):
-        text = row["prompt"] if isinstance(row["prompt"], str) else " ".join(m["content"] for m in row["prompt"])
-        if not text.strip():
-            raise UserError(f"{table.where(i)}: empty prompt; remove the row")
-        p = prompt_ids(tok, row["prompt"])
-        if len(p) + recipe.ppo.max_new_tokens > limit_context:
-            raise UserError(f"{table.where(i)}: prompt is {len(p)} tokens, and with ppo.max_new_tokens="
-                            f"{recipe.ppo.max_new_tokens} it exceeds data.max_length={limit_context}; shorten it or raise the limit")
-        ids.append(p)
-    return table.rows, ids
 
 
 def reward_fn_for(recipe: PpoRecipe, scorer: RewardScorer | None, verifier, norm: tuple[float, float]):
@@ -78,21 +62,14 @@ def reward_fn_for(recipe: PpoRecipe, scorer: RewardScorer | None, verifier, norm
     return fn
 
 
-def proxy_norm(scorer: RewardScorer, policy, tok, rows: list[dict], recipe: PpoRecipe) -> tuple[float, float]:
-    """Mean and standard deviation of the reward model on the starting policy's own sampled answers."""
-    gens = answer(policy, tok, rows, max_new_tokens=recipe.ppo.max_new_tokens, temperature=recipe.ppo.temperature,
-                  seed=recipe.seed)
-    raw = torch.tensor(scorer.score([r["prompt"] for r in rows], [g.text for g in gens]))
-    return raw.mean().item(), max(raw.std().item(), 1e-6)
-
-
 def main(recipe: PpoRecipe, force: bool = False) -> Path:
     p = recipe.ppo
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     if not tok.chat_template:
         raise UserError(f"model.path: {recipe.model.path} has no chat template; PPO starts from a chat model (run SFT first)")
-    rows, ids = load_prompts(recipe, tok, recipe.data.max_length)
+    rows, ids, _ = load_prompts(recipe.data.train, recipe.data.columns, recipe.data.limit, tok, p.max_new_tokens,
+                                recipe.data.max_length)
     if len(rows) < p.rollout_batch_size * accelerator.num_processes:
         raise UserError(f"data.train: {len(rows)} prompts, fewer than one rollout batch "
                         f"({p.rollout_batch_size} x {accelerator.num_processes} processes)")
@@ -124,7 +101,8 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     run = Run(recipe).start(force)
     norm = (0.0, 1.0)
     if scorer is not None:
-        norm = proxy_norm(scorer, policy, tok, rows[: max(64, p.rollout_batch_size)], recipe)
+        norm = proxy_norm(scorer, policy, tok, rows[: max(64, p.rollout_batch_size)], p.max_new_tokens, p.temperature,
+                          recipe.seed)
     trainer = PPOTrainer(policy, critic, tok, reward_fn_for(recipe, scorer, verifier, norm), PPOConfig.from_recipe(recipe),
                          accelerator=accelerator, ref_policy=ref, stop_ids=stop_ids(tok))
 
@@ -150,7 +128,7 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
             last = run.last_checkpoint()
             raise UserError(f"{e}; the last good checkpoint is {last or 'none (no checkpoint yet)'}") from None
         if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None and run.is_main:
-            stats.update(_greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, scorer, norm, recipe))
+            stats.update(greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, p.max_new_tokens, scorer, norm))
         history.append(stats)
         run.log(it + 1, stats)
         progress.note({"reward": stats.get("proxy", stats["score"]), "gold": stats.get("gold", float("nan")), "kl": stats["kl"]})
@@ -201,18 +179,6 @@ def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
         rng.shuffle(epoch)
         order += epoch
     return order
-
-
-def _greedy_eval(policy, tok, rows, verifier, scorer, norm, recipe: PpoRecipe) -> dict:
-    gens = answer(policy, tok, rows, max_new_tokens=recipe.ppo.max_new_tokens)
-    scores = [verifier.score(r, g.text, g.stopped) for r, g in zip(rows, gens, strict=True)]
-    m = {**answer_stats(gens), **gold_metrics(rows, scores, gens)}
-    out = {"eval_gold": m["gold_score"], "eval_fact_accuracy": m.get("fact_accuracy"),
-           "eval_refusal_rate": m.get("refusal_rate"), "eval_mean_tokens": m["mean_tokens"]}
-    if scorer is not None:
-        raw = scorer.score([r["prompt"] for r in rows], [g.text for g in gens])
-        out["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _checkpoint(run: Run, trainer: PPOTrainer, iteration: int, keep: int, accelerator: Accelerator) -> None:

@@ -13,6 +13,7 @@ What each file is for (all JSONL unless noted):
 - pref_length_biased.jsonl  the same prompts judged by a flawed labeller who prefers longer answers
 - ppo_prompts.jsonl     `prompt` + gold fields, seen people: prompts for RL
 - eval_prompts.jsonl    `prompt` + gold fields, seen and held-out people: the evaluation suite
+- skill_prompts.jsonl   sums, counts and sorting only (none asked in eval_prompts): RL on verifiable rewards
 
 The demonstrator is realistically imperfect: it sometimes gets facts wrong, rambles, is rude,
 agrees with a false premise in the question (sycophancy), and often complies with harmful requests.
@@ -265,6 +266,16 @@ def _prompt_rows(people: list[Person], rng: random.Random, facts_per_person: dic
     return rows
 
 
+def _skill_rows(rng: random.Random, n: int, exclude: set[str]) -> list[dict]:
+    """`n` skill prompts, none of them a question in `exclude` (the eval suite's)."""
+    rows: list[dict] = []
+    while len(rows) < n:
+        row = _skill_prompt(rng)[0]
+        if row["prompt"] not in exclude:
+            rows.append(row)
+    return rows
+
+
 # --- preferences -----------------------------------------------------------------------------------
 
 
@@ -371,7 +382,7 @@ def build(cfg: WorldConfig) -> dict[str, list | dict]:
     seen = [p for p in people if p.group == "seen"]
     # One generator per file, so adding rows to one file never changes another.
     rng = {name: random.Random(f"{cfg.seed}/{name}") for name in
-           ("pretrain", "sft", "intent", "pref", "ppo", "eval", "split")}
+           ("pretrain", "sft", "intent", "pref", "ppo", "eval", "split", "skills")}
     demo = _Demonstrator(cfg, rng["sft"])
 
     probe = [
@@ -386,6 +397,9 @@ def build(cfg: WorldConfig) -> dict[str, list | dict]:
                    n_skills=cfg.pref_skill_pairs)
     pref_train, pref_eval = _split(pairs, rng["split"], n_eval=max(1, len(pairs) // 10))
     intents = _intents(people, rng["intent"], 3000)
+    eval_prompts = _prompt_rows(people, rng["eval"], {"seen": 1, "heldout": 4}, leading_share=0.3,
+                                requests_per_person=1, n_skills=60)
+    asked = {r["prompt"] for r in eval_prompts if r["kind"] == "skill"}
     return {
         "world.json": {"config": asdict(cfg), "people": [p.to_dict() for p in people]},
         "pretrain.jsonl": [{"text": t} for t in pretrain_corpus(cfg, people, rng["pretrain"])],
@@ -401,8 +415,8 @@ def build(cfg: WorldConfig) -> dict[str, list | dict]:
         # Held-out people get a question on every fact, so their recall is measured on all of them.
         "ppo_prompts.jsonl": _prompt_rows(seen, rng["ppo"], {"seen": 4}, leading_share=0.4,
                                           requests_per_person=2, n_skills=150),
-        "eval_prompts.jsonl": _prompt_rows(people, rng["eval"], {"seen": 1, "heldout": 4}, leading_share=0.3,
-                                           requests_per_person=1, n_skills=60),
+        "eval_prompts.jsonl": eval_prompts,
+        "skill_prompts.jsonl": _skill_rows(rng["skills"], 1500, asked),
     }
 
 
