@@ -76,9 +76,16 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
-def _same_recipe(saved: str, text: str) -> bool:
-    """The same settings, whatever the order of the keys (a new release may list fields differently)."""
-    return saved == text or yaml.safe_load(saved) == yaml.safe_load(text)
+def _same_recipe(saved: str, recipe: Recipe) -> bool:
+    """The same settings, whatever the order of the keys, and whatever settings a newer posttrain added
+    since (the saved recipe is read with today's schema, so a new key counts at its default)."""
+    if saved == recipe_yaml(recipe):
+        return True
+    try:
+        old = type(recipe).model_validate(yaml.safe_load(saved))
+    except (ValueError, yaml.YAMLError):  # a key or value today's schema refuses: not the same recipe
+        return False
+    return old.model_dump(mode="json") == recipe.model_dump(mode="json")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -96,7 +103,7 @@ def finished_with(recipe: Recipe) -> bool:
     do. Cheap (two small files), so the CLI asks before importing a stage or loading any model."""
     out = Path(recipe.output_dir)
     saved = out / "recipe.yaml"
-    return (out / "DONE").exists() and saved.exists() and _same_recipe(saved.read_text(), recipe_yaml(recipe))
+    return (out / "DONE").exists() and saved.exists() and _same_recipe(saved.read_text(), recipe)
 
 
 class Curve(NamedTuple):
@@ -134,7 +141,7 @@ class Run:
             raise UserError(
                 f"{self.dir} holds a finished run of a different recipe; pass --force to replace it or set another output_dir"
             )
-        different = saved.exists() and not _same_recipe(saved.read_text(), text)
+        different = saved.exists() and not _same_recipe(saved.read_text(), self.recipe)
         if different and not force:
             raise UserError(
                 f"{self.dir} holds an unfinished run of a different recipe; pass --force to start over or set another output_dir"

@@ -179,6 +179,7 @@ def atomic_checkpoints(trainer_cls: type) -> type:
 
     class Atomic(trainer_cls):
         loss_before_resume = 0.0  # the summed logged loss of the steps before the checkpoint resumed
+        resumed = False  # even when that sum is 0 (GRPO's first steps can all be 0) the average needs fixing
 
         def _save_checkpoint(self, model, trial):
             root = self.args.output_dir
@@ -207,7 +208,7 @@ def atomic_checkpoints(trainer_cls: type) -> type:
             self.accelerator.wait_for_everyone()
 
         def log(self, logs, *args, **kwargs):
-            if "train_loss" in logs and self.loss_before_resume:  # the end of a resumed run: average every step
+            if "train_loss" in logs and self.resumed:  # the end of a resumed run: average every step
                 logs["train_loss"] = (self.loss_before_resume + self._total_loss_scalar) / max(self.state.global_step, 1)
             super().log(logs, *args, **kwargs)
 
@@ -237,7 +238,7 @@ def fit(trainer, run: Run) -> dict:
         if written_by != now:  # the data order and per-process RNG states would not line up
             raise UserError(f"{ckpt} was written by {written_by} process(es) and this run has {now}; resume it "
                             f"launched the same way, or pass --force to start over")
-        trainer.loss_before_resume = extra["total_loss"]
+        trainer.loss_before_resume, trainer.resumed = extra["total_loss"], True
         if extra.get("total_train_tokens") is not None:
             trainer._total_train_tokens = extra["total_train_tokens"]
         if extra.get("trainer") is not None:

