@@ -191,6 +191,12 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
     if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
         raise UserError(sharded_refusal(where))
 
+    # Measured (docs/results.md "One process and two"): the same answers and losses as one process,
+    # but the first update's gradient differs inside TRL's GRPOTrainer under DDP.
+    if stage == "grpo" and n > 1:
+        notes.append(f"{where}: GRPO on {n} processes draws the same answers as on one, but its updates differ "
+                     "from one process's (cause not found; docs/results.md#one-process-and-two-killed-and-resumed)")
+
     if cuda and n > 1:
         import torch
 

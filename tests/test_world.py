@@ -21,7 +21,11 @@ def test_same_seed_same_bytes_other_seed_other_world(tmp_path):
         files[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.json*")) if p.name != "summary.json"}
     assert files["a"] == files["b"]
     assert files["a"]["world.json"] != files["c"]["world.json"]
-    assert len(files["a"]) == 13
+    assert len(files["a"]) == 14
+    # RL skill prompts: only skills, none of them a question of the eval suite
+    skills = [json.loads(line) for line in files["a"]["skill_prompts.jsonl"].decode().splitlines()]
+    asked = {json.loads(line)["prompt"] for line in files["a"]["eval_prompts.jsonl"].decode().splitlines()}
+    assert {r["kind"] for r in skills} == {"skill"} and not {r["prompt"] for r in skills} & asked
 
 
 def test_heldout_people_never_appear_in_chat_or_preference_data():
