@@ -25,6 +25,7 @@ help:
 	@echo "make sft | classify | reward | dpo | ppo | grpo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|zero2)"
 	@echo "make rl         PPO, GRPO and RLOO on the gold verifier beside SFT and DPO (runs/world/rl)"
 	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO, GSM8K GRPO on ../shared/data (recipes/examples/)"
+	@echo "make bench      speed vs a bare PyTorch loop, TRL and TRL 1.12's PPO, side by side (runs/bench/bench.md)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed
@@ -128,6 +129,12 @@ pipeline: world base sft classify reward dpo ppo compare
 
 clean:
 	rm -rf runs
+
+# Speed, measured side by side against a bare PyTorch loop, TRL used directly and TRL 1.12's PPOTrainer
+# (in its own venv under runs/bench): runs/bench/bench.md and bench.json (~20 minutes after the pipeline).
+.PHONY: bench
+bench: pipeline
+	$(BIN)/python -m posttrain.bench
 
 # --- examples on real data (../shared/data, see recipes/examples/) ---------------------------------
 # SMS spam classification, Alpaca-style SFT, then a reward model and DPO on preference pairs from

@@ -316,7 +316,8 @@ class Rollout:
     returns: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)  # "proxy", "gold" ... from reward_fn, for logging
     time_generate: float = 0.0
-    time_score: float = 0.0
+    time_score: float = 0.0  # reward_fn (decoding, reward model, verifier)
+    time_forward: float = 0.0  # log-probs of policy and reference, values, rewards and advantages
 
     @property
     def response_length(self) -> int:
@@ -458,7 +459,9 @@ class PPOTrainer:
             raise ValueError(f"reward_fn must return one score per response, got shape {tuple(score.shape)}")
         self._check_finite("reward", score)
         score = score - c.no_stop_penalty * (~stopped).float()
+        time_score = time.perf_counter() - start
 
+        start = time.perf_counter()
         logprobs, values, ref_logprobs = [], [], []
         response_length = response.shape[1]
         for i in range(0, len(input_ids), c.minibatch_size):
@@ -477,7 +480,8 @@ class PPOTrainer:
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask, reduce=self._sum)
         return Rollout(input_ids, attention_mask, mask, stopped, responses, score, logprobs, ref_logprobs, values,
-                       kl, rewards, advantages, returns, extra, time_generate, time.perf_counter() - start)
+                       kl, rewards, advantages, returns, extra, time_generate, time_score,
+                       time.perf_counter() - start)
 
     def _ref_logprobs(self, input_ids: Tensor, attention_mask: Tensor, response_length: int) -> Tensor:
         if self.ref_policy is not None:
@@ -537,7 +541,8 @@ class PPOTrainer:
             kl=mean(ro.kl.sum(1)), kl_coef=self.kl_ctl.value, response_length=mean(ro.response_mask.sum(1)),
             stop_rate=mean(ro.stopped), explained_variance=explained_variance(
                 ro.values, ro.returns, ro.response_mask, self._sum).item(),
-            time_generate=ro.time_generate, time_score=ro.time_score,
+            time_generate=ro.time_generate, time_score=ro.time_score, time_forward=ro.time_forward,
+            generated_width=float(ro.response_length),  # new positions per sequence that generate() computed
         )
         return stats
 

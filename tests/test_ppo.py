@@ -292,7 +292,7 @@ def test_tiny_run_learns_the_toy_reward():
     last = history[-1]
     for key in ("score", "proxy", "gold", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "policy_loss",
                 "value_loss", "value_clip_fraction", "explained_variance", "response_length", "stop_rate",
-                "time_generate", "time_score", "time_train"):
+                "time_generate", "time_score", "time_forward", "time_train", "generated_width"):
         assert key in last and math.isfinite(last[key]), key
     assert last["gold"] == approx(last["proxy"] / 2)
     assert last["kl"] > 0.1  # moved away from the reference
@@ -357,7 +357,7 @@ def test_resume_is_bit_identical(tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "ppo.pt", weights_only=False))
     got = train(resumed, 2, start=2)[-1]
 
-    timings = {"time_generate", "time_score", "time_train"}
+    timings = {"time_generate", "time_score", "time_forward", "time_train"}
     assert {k: v for k, v in got.items() if k not in timings} == {k: v for k, v in expected.items() if k not in timings}
     for a, b in zip(straight.wrapper.parameters(), resumed.wrapper.parameters(), strict=True):
         assert torch.equal(a, b)

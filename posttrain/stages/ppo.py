@@ -147,9 +147,8 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
             summary[f"final_{key}"] = sum(h[key] for h in last) / len(last)
     if "final_kl" in summary:  # a mean of noisy per-batch estimates; the KL itself is never negative
         summary["final_kl"] = max(0.0, summary["final_kl"])
-    generate_s = sum(h.get("time_generate", 0) for h in history)
-    train_s = sum(h.get("time_train", 0) for h in history)
-    summary["time_generate_fraction"] = generate_s / max(generate_s + train_s, 1e-9)
+    seconds = {k: sum(h.get(f"time_{k}", 0) for h in history) for k in ("generate", "score", "forward", "train")}
+    summary["time_generate_fraction"] = seconds["generate"] / max(sum(seconds.values()), 1e-9)  # of the iterations' time
     if scorer is not None and verifier is not None:
         check = check_history(history, p.monitor)
         summary["reward_hacking"] = check.flagged
@@ -210,5 +209,5 @@ CURVES = [
     Curve(["entropy", "approx_kl", "clip_fraction", "value_clip_fraction"], "policy.png", "policy update"),
     Curve(["value_loss", "explained_variance"], "value.png", "critic"),
     Curve(["response_length", "stop_rate"], "length.png", "answers"),
-    Curve(["time_generate", "time_train", "time_score"], "time.png", "seconds per iteration", "s"),
+    Curve(["time_generate", "time_score", "time_forward", "time_train"], "time.png", "seconds per iteration", "s"),
 ]
