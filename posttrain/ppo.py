@@ -397,7 +397,8 @@ class PPOTrainer:
             self.ref_policy = ref_policy.to(device).eval().requires_grad_(False)
         self.wrapper = PolicyAndValue(self.policy, value_model.to(device).eval() if value_model is not None else None)
         params = [p for p in self.wrapper.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), eps=1e-5, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), eps=1e-5, weight_decay=0.0,
+                                      fused=True)  # one kernel for all parameters (see training.trainer_kwargs)
         self.model, self.optimizer = accelerator.prepare(self.wrapper, optimizer)
 
         if config.target_kl is None:

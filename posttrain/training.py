@@ -51,7 +51,9 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
         lr_scheduler_type=t.scheduler,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim="adamw_torch",
+        # torch's fused AdamW: one kernel for every parameter; on a CPU the default (a loop over tensors)
+        # took 3-4 ms of a 110 ms world SFT step, the fused one 0.8 ms (make bench)
+        optim="adamw_torch_fused",
         adam_beta2=t.adam_beta2,
         seed=recipe.seed,
         data_seed=recipe.seed,

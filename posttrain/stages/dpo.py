@@ -22,6 +22,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from posttrain.evaluate import answer_logprobs, evaluate_prompts, policy_kl
+from posttrain.lm_head import use_full_logits_on_cpu
 from posttrain.metrics import pairwise
 from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
 from posttrain.preference import fit_length, load_train_eval
@@ -91,6 +92,7 @@ def main(recipe: DpoRecipe, force: bool = False) -> Path:
     )
     if recipe.model.lora:
         expose_head_bias(trainer.model)
+    use_full_logits_on_cpu(trainer.model, trainer.ref_model)
     train_metrics = fit(trainer, run)
     ev = trainer.evaluate() if eval_kept else {}  # every process (it gathers)
     if not run.is_main:

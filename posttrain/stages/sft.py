@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from posttrain import data as datalib
 from posttrain.errors import UserError
 from posttrain.evaluate import evaluate_prompts, fact_recall
+from posttrain.lm_head import use_full_logits_on_cpu
 from posttrain.models import (
     attach_chat_template,
     check_max_length,
@@ -223,6 +224,7 @@ def main(recipe: SftRecipe, force: bool = False) -> Path:
                             eval_dataset=eval_ds, processing_class=tok, peft_config=peft_config)
     if peft_config is not None:
         expose_head_bias(trainer.model)
+    use_full_logits_on_cpu(trainer.model)
     if packing:  # TRL refuses a custom collator with packing at construction, so it is swapped in afterwards
         trainer.data_collator = PackedRows(pad_id(tok))
     train_metrics = fit(trainer, run)
