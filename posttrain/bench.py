@@ -101,11 +101,13 @@ def stage_command(stage: str, w: World, out: Path, steps: int) -> list[str]:
 
 def _posttrain_stage(stage: str, w: World, out: Path, steps: int) -> dict:
     run_dir = out / f"run_{stage}"
-    _check_call(stage_command(stage, w, run_dir, steps))
+    cmd = stage_command(stage, w, run_dir, steps)
+    _check_call(cmd)
+    shown_as = {"command": shlex.join(["posttrain", *cmd[3:]])}  # the stage as a user types it
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     if stage == "ppo":
-        return _ppo_times(metrics, _recipe("ppo", w, steps).ppo.rollout_batch_size)
+        return _ppo_times(metrics, _recipe("ppo", w, steps).ppo.rollout_batch_size) | shown_as
     end = next(m for m in metrics if "train_runtime" in m)
     result = {"steps": end["step"], "seconds": end["train_runtime"], "step_s": end["train_runtime"] / end["step"]}
     tokens = max((m["num_tokens"] for m in metrics if "num_tokens" in m), default=None)
@@ -115,7 +117,7 @@ def _posttrain_stage(stage: str, w: World, out: Path, steps: int) -> dict:
     for key in ("padding_fraction", "trained_token_fraction", "packing"):
         if key in summary:
             result[key] = summary[key]
-    return result
+    return result | shown_as
 
 
 def _ppo_times(metrics: list[dict], batch: int) -> dict:
@@ -682,6 +684,7 @@ def bench(size: str, s: Size, w: World, out: Path, sections: list[str]) -> list[
                 print(f"bench {section} round {k + 1}/{s.rounds}: {name}", flush=True)
                 _check_call(cmd)
                 got[name].append(json.loads((where / "result.json").read_text()))
+                commands[name] = got[name][-1].get("command", commands[name])  # a stage: its posttrain command
         rows += section_rows(section, got, commands, w)
         for r in rows[-3:]:
             if r.section == section and r.ratio is not None:
