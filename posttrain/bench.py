@@ -81,7 +81,8 @@ class World:
 def stage_command(stage: str, w: World, out: Path, steps: int) -> list[str]:
     """`posttrain STAGE recipes/world/STAGE.yaml` on `w`, for `steps` steps, with no evaluation after training
     (the bench times training; the evaluation path has its own section)."""
-    sets = {"output_dir": str(out), "eval.prompts": "null"}
+    # no evaluation, and no path of the recipe left pointing at runs/world (the inputs may be elsewhere)
+    sets = {"output_dir": str(out), "eval.prompts": "null", "eval.verifier": "null", "eval.probe": "null"}
     if stage == "sft":
         sets |= {"model.path": w.base, "data.train": f"{w.data}/sft_train.jsonl", "data.eval": "null",
                  "train.max_steps": steps}
