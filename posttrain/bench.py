@@ -127,8 +127,7 @@ def _ppo_times(metrics: list[dict], batch: int) -> dict:
     later = its[1:] or its
     phases = {k: statistics.mean(m[f"time_{k}"] for m in later) for k in ("generate", "score", "forward", "train")}
     return {"iterations": len(its), "iteration_s": sum(phases.values()), **{f"{k}_s": v for k, v in phases.items()},
-            "generated_positions": statistics.mean(m["generated_width"] for m in later) * batch,
-            "gold": statistics.mean(m["gold"] for m in its[-5:]) if "gold" in its[-1] else None}
+            "generated_positions": statistics.mean(m["generated_width"] for m in later) * batch}
 
 
 # --- bare loops: the same model and batches, nothing but forward, loss, backward, AdamW -------------------

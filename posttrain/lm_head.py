@@ -64,9 +64,9 @@ def _full_logits_forward(fused):
         if shift_labels is None:
             logits, target = logits[:, :-1], labels[:, 1:]
         mask = target != -100
-        scored, labels = logits[mask], target[mask]  # only the positions with a label, as TRL's Triton path
+        scored, picked = logits[mask], target[mask]  # only the positions with a label, as TRL's Triton path
         logp = scored.log_softmax(-1)
-        log_probs = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        log_probs = logp.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
         extra = {}
         if "entropy" in wanted:
             extra["entropy"] = -(logp.exp() * logp).sum(-1)  # differentiable, as TRL's
@@ -76,7 +76,7 @@ def _full_logits_forward(fused):
             if "mean_logits" in wanted:
                 extra["mean_logits"] = scored.mean(-1)
             if "is_top1" in wanted:  # argmax's first maximum, as TRL's: a tie with an earlier token is no hit
-                extra["is_top1"] = scored.argmax(-1) == labels
+                extra["is_top1"] = scored.argmax(-1) == picked
 
         def place(x: torch.Tensor) -> torch.Tensor:  # back to [batch, length], zero where there is no label
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
