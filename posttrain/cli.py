@@ -68,6 +68,11 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         from posttrain.launch_rules import check_launch
 
         check_launch(recipe)  # what this machine cannot run (e.g. float16 on a CPU), before any model loads
+        from posttrain import sharding
+
+        if sharding.fsdp_launch():
+            sharding.check_stage(recipe)  # what FSDP cannot take yet, before any model loads
+            sharding.fsdp_on_cpu()  # a no-op where accelerate takes FSDP itself (GPUs)
         out = importlib.import_module(STAGES[name].module).main(recipe, force=args.force)
     except AlreadyDone as done:
         if is_main_process():
@@ -88,8 +93,17 @@ def _validate(args: argparse.Namespace) -> int:
     notes += check_launch(recipe, args.accel)  # without --accel: one plain process on this machine
     for note in notes:
         print(f"note: {note}")
-    launch = f", launched with {args.accel}" if args.accel else ""
+    launch = f", launched with {args.accel}; every combination: posttrain launches" if args.accel else ""
     print(f"{args.recipe}: ok ({recipe.stage} recipe, output_dir {recipe.output_dir}{launch})")
+    return 0
+
+
+def _launches(args: argparse.Namespace) -> int:
+    import torch
+
+    from posttrain.launch_rules import support_table
+
+    print(support_table(cuda=args.gpu or torch.cuda.is_available()), end="")
     return 0
 
 
@@ -149,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--accel", metavar="CONFIG", help="also check launching it with this accelerate config on this machine, "
                                                     "e.g. recipes/accelerate/ddp.yaml (as make GPUS=N ACCEL=ddp does)")
     v.set_defaults(func=_validate)
+    la = sub.add_parser("launches", help="which stage launches with which recipes/accelerate config",
+                        description="The table of every training stage x recipes/accelerate config x (full fine-tuning, "
+                                    "LoRA, gradient checkpointing), as `validate --accel` decides it, with the reason "
+                                    "for each refusal. For this machine, or with --gpu for one with CUDA GPUs.")
+    la.add_argument("--gpu", action="store_true", help="as on a machine with CUDA GPUs (and deepspeed installed)")
+    la.set_defaults(func=_launches)
 
     m = sub.add_parser("show-mask", help="print one training example with the trained tokens highlighted",
                        description="Render one example of an SFT recipe exactly as the trainer sees it (chat template, "

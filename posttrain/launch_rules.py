@@ -41,6 +41,7 @@ class Launch:
     mixed_precision: str  # no, bf16, fp16, fp8
     fsdp: dict = field(default_factory=dict)  # keys normalised to fsdp_*
     deepspeed: dict = field(default_factory=dict)
+    num_machines: int = 1
 
     @property
     def name(self) -> str:
@@ -80,7 +81,7 @@ def read_config(path: str | Path) -> Launch:
         raise UserError(f"{path}: mixed_precision {mixed!r} is not one of {', '.join(PrecisionType.list())}")
     launch = Launch(str(path), config.distributed_type.value, int(config.num_processes), mixed,
                     {(k if k.startswith("fsdp") else f"fsdp_{k}"): v for k, v in (config.fsdp_config or {}).items()},
-                    dict(config.deepspeed_config or {}))
+                    dict(config.deepspeed_config or {}), int(config.num_machines or 1))
     _check_nested_keys(launch)
     _check_fsdp_values(launch)
     return launch
@@ -168,6 +169,16 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         raise UserError(f"{where} and {n} processes: accelerate starts only one process for this distributed_type; "
                         "use recipes/accelerate/ddp.yaml (MULTI_GPU), which starts N processes (on gloo without a GPU)")
 
+    # accelerate/utils/launch.py (prepare_multi_gpu_env): each machine starts num_processes //
+    # num_machines processes, so a remainder is silently dropped and the global batch is not the one asked for.
+    if launch.num_machines > 1:
+        if n % launch.num_machines:
+            raise UserError(f"{where}: {n} processes do not split evenly over {launch.num_machines} machines (accelerate "
+                            f"would start {n // launch.num_machines} on each); --num_processes counts all machines "
+                            f"together, so make it a multiple of {launch.num_machines}")
+        notes.append(f"{where}: {launch.num_machines} machines, {n // launch.num_machines} process(es) each; start the "
+                     "same command on every machine with its own --machine_rank, output_dir on a file system they share")
+
     # posttrain/ppo.py (PPOTrainer.__init__): rollouts call generate() on the unwrapped policy, which
     # needs every weight on every process; FSDP and ZeRO-3 keep only a shard (ZeRO-2's optimizer
     # wrapping is refused too). PPO raises this itself, but only after loading four models.
@@ -188,14 +199,12 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         notes += _check_fsdp(recipe, launch, where)
     if launch.distributed_type == "DEEPSPEED":
         notes += _check_deepspeed(recipe, launch, where)
-    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
-        raise UserError(sharded_refusal(where))
+    if launch.distributed_type == "FSDP":
+        from posttrain.sharding import check_stage
 
-    # Measured (docs/results.md "One process and two"): the same answers and losses as one process,
-    # but the first update's gradient differs inside TRL's GRPOTrainer under DDP.
-    if stage == "grpo" and n > 1:
-        notes.append(f"{where}: GRPO on {n} processes draws the same answers as on one, but its updates differ "
-                     "from one process's (cause not found; docs/results.md#one-process-and-two-killed-and-resumed)")
+        check_stage(recipe)
+    if launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3:
+        raise UserError(sharded_refusal(where))
 
     if cuda and n > 1:
         import torch
@@ -217,9 +226,10 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[s
     # accelerate/state.py (AcceleratorState.__init__, PartialState._prepare_backend): FSDP and
     # DeepSpeed are set up only for GPU process groups; with cpu=True the processes fall back to
     # plain data parallel on gloo (FSDP) or ignore DeepSpeed, without saying so.
-    if launch.distributed_type in SHARDED:
-        raise UserError(f"{where}: {launch.distributed_type} needs CUDA GPUs and this machine has none (accelerate "
-                        "would quietly fall back to unsharded data parallel); use recipes/accelerate/ddp.yaml here")
+    # FSDP shards on a CPU too (posttrain/sharding.py fsdp_on_cpu).
+    if launch.distributed_type == "DEEPSPEED":
+        raise UserError(f"{where}: DeepSpeed needs CUDA GPUs and this machine has none (accelerate would quietly "
+                        "ignore it); use recipes/accelerate/ddp.yaml or fsdp.yaml here")
     # transformers/training_args.py (TrainingArguments: bf16 without a bf16 GPU is a ValueError unless
     # use_cpu; fp16 needs a GPU) and posttrain/training.py use_bf16 (bf16 matmuls on a CPU are far
     # slower than fp32). The launcher's mixed_precision reaches the Trainer as ACCELERATE_MIXED_PRECISION.
@@ -297,11 +307,16 @@ def _check_fsdp(recipe: Recipe, launch: Launch, where: str) -> list[str]:
     # name that the model does not have is an error in every process after loading the model.
     layer = f.get("fsdp_transformer_layer_cls_to_wrap")
     if layer and str(f.get("fsdp_auto_wrap_policy", "")).upper() == "TRANSFORMER_BASED_WRAP":
-        missing = _missing_layer_classes(recipe, str(layer))
-        if missing:
-            raise UserError(f"{where}: fsdp_transformer_layer_cls_to_wrap {', '.join(missing)} is not a layer of a "
-                            f"{next(iter(missing.values()))} model; name its decoder block (for GPT-2: GPT2Block)")
+        check_layer_classes(recipe, str(layer), where)
     return notes
+
+
+def check_layer_classes(recipe: Recipe, names: str, where: str) -> None:
+    """Refuse an FSDP wrap class (comma-separated `names`) that the recipe's model does not define."""
+    missing = _missing_layer_classes(recipe, names)
+    if missing:
+        raise UserError(f"{where}: fsdp_transformer_layer_cls_to_wrap {', '.join(missing)} is not a layer of a "
+                        f"{next(iter(missing.values()))} model; name its decoder block (for GPT-2: GPT2Block)")
 
 
 def _missing_layer_classes(recipe: Recipe, names: str) -> dict[str, str]:
@@ -352,3 +367,59 @@ def _check_deepspeed(recipe: Recipe, launch: Launch, where: str) -> list[str]:
         notes.append(f"{where}: with LoRA and model.gradient_checkpointing under ZeRO-3, TRL forces reentrant "
                      "gradient checkpointing (slower; it recomputes more); expected, not an error")
     return notes
+
+
+# -- what launches, all of it: the table `posttrain launches` prints and the README shows ------------
+
+CONFIGS = ("single", "ddp", "multinode", "fsdp", "zero2", "zero3")  # recipes/accelerate/*.yaml
+VARIANTS = {"full": (), "LoRA": ("model.lora={r: 8}",), "grad. ckpt": ("model.gradient_checkpointing=true",)}
+
+
+def support(stage: str, config: str, variant: str, *, cuda: bool = True) -> str | None:
+    """None if `posttrain STAGE recipes/gpt2/STAGE.yaml` with this variant launches with
+    recipes/accelerate/CONFIG.yaml (2 processes; DeepSpeed installed), else the one-line refusal.
+    "n/a" where the variant does not exist for the stage (LoRA in pretraining)."""
+    from posttrain.recipe_file import load_recipe
+
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    overrides = list(VARIANTS[variant])
+    if variant == "LoRA" and stage == "classify":
+        overrides = ["classify.trainable=lora"]
+    if variant == "LoRA" and stage == "pretrain":
+        return "n/a"
+    recipe = load_recipe(root / "gpt2" / f"{stage}.yaml", ["model.dtype=float32", *overrides])
+    try:
+        check_launch(recipe, root / "accelerate" / f"{config}.yaml", num_processes=1 if config == "single" else 2,
+                     cuda=cuda, deepspeed=True)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def support_table(cuda: bool = True) -> str:
+    """Markdown: launcher config x training stage; each cell says which of full fine-tuning, LoRA and
+    gradient checkpointing launch, as check_launch decides; refusals are numbered notes below."""
+    reasons: dict[str, int] = {}
+
+    def cell(stage: str, config: str) -> str:
+        yes, no = [], []
+        for variant in VARIANTS:
+            why = support(stage, config, variant, cuda=cuda)
+            if why is None:
+                yes.append(variant)
+            elif why != "n/a":
+                reason = why.split(": ", 1)[1] if ": " in why else why  # without the "<stage> with <config>" prefix
+                no.append((variant, reasons.setdefault(reason, len(reasons) + 1)))
+        if not no:
+            return "yes"
+        if not yes:
+            return f"no ({no[0][1]})" if len({n for _, n in no}) == 1 else "no (" + ", ".join(f"{v}: {n}" for v, n in no) + ")"
+        return ", ".join(yes) + "; " + ", ".join(f"{v} no ({n})" for v, n in no)
+
+    stages = [s for s in STAGES if s != "world"]
+    lines = ["| config | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for config in CONFIGS:
+        lines.append(f"| {config} | " + " | ".join(cell(stage, config) for stage in stages) + " |")
+    lines.append("")
+    lines += [f"{n}. {reason}" for reason, n in reasons.items()]
+    return "\n".join(lines) + "\n"

@@ -12,6 +12,8 @@ fused head still runs, so memory stays bounded.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
@@ -51,6 +53,9 @@ def _full_logits_forward(fused):
     """Wrap TRL's patched forward `fused` (which runs the original forward when fused_lm_head is False)."""
     wanted = _requested(fused)
 
+    # The original signature, as TRL keeps it: `generate` reads it to decide which inputs to make (without
+    # position_ids there, a left-padded row would be generated at positions shifted by its padding).
+    @functools.wraps(fused)
     def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         target = labels if shift_labels is None else shift_labels
         vocab = fused.__self__.get_output_embeddings().weight.shape[0]

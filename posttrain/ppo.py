@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from posttrain.errors import UserError
 from posttrain.recipe import PpoKnobs, TrainSection
+from posttrain.sampling import position_ids_from
 
 Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on one process)
 
@@ -192,11 +193,6 @@ def response_logits(kept_logits: Tensor, temperature: float) -> Tensor:
     sampling temperature. Every log-prob PPO compares (sampled "old", reference, recomputed new) goes
     through here, so the ratio is exactly 1 before the first update."""
     return kept_logits[:, :-1].float() / temperature
-
-
-def position_ids_from(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, computed as HF `generate` does, so recomputed log-probs match."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

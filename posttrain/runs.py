@@ -124,6 +124,7 @@ class Run:
         self._tb = None
         self.fresh = False
         self.started = time.time()
+        self.facts: dict = {}  # measured along the way by shared code (e.g. training state bytes); finish() adds them
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -249,7 +250,7 @@ class Run:
             rows = self.metrics()
             for c in curves:
                 draw(rows, list(c.keys), self.plots_dir() / c.file, c.title, c.ylabel)
-        summary = {k: _plain(v) for k, v in summary.items()}
+        summary = {k: _plain(v) for k, v in {**self.facts, **summary}.items()}
         summary.setdefault("seconds", round(time.time() - self.started, 1))
         print_summary(f"{self.recipe.stage} summary", summary)
         write_atomic(self.dir / "summary.json", json.dumps(summary, indent=1) + "\n")

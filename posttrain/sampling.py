@@ -15,6 +15,13 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as HF `generate` computes them. A forward pass over left-padded
+    sampled answers must use these: with the default 0..T-1, an absolute-position model (GPT-2) scores
+    each answer at positions shifted by its padding, i.e. not the distribution it was sampled from."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def answer_seed(seed: int, step: int, index: int) -> int:
     """A seed for answer `index` of the batch generated at optimizer step `step` of a run seeded `seed`."""
     return (((seed * 1_000_003) ^ (step * 7_919)) * 1_000_033 + index) % (2**63 - 1)

@@ -79,15 +79,15 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
 
 
 def sharded_refusal(where: str) -> str:
-    """Why FSDP and ZeRO-3 are refused (by build_trainer at run time, and up front by launch_rules.check_launch)."""
+    """Why ZeRO-3 is refused (by build_trainer at run time, and up front by launch_rules.check_launch)."""
     # posttrain/stages/*.py: once training ends, the other processes return and rank 0 alone
-    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under FSDP (1 or 2)
-    # and ZeRO-3 every process holds only a shard of the weights, so a forward pass on rank 0 alone,
-    # or Trainer.save_model there (transformers/trainer.py save_model: accelerator.get_state_dict
-    # gathers from every process), waits for processes that have left: the run would hang after training.
+    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under ZeRO-3 every
+    # process holds only a shard of the weights, so a forward pass on rank 0 alone, or
+    # Trainer.save_model there, waits for processes that have left: the run would hang after training.
+    # (FSDP gathers the whole model for rank 0 first: posttrain/sharding.py unshard.)
     return (f"{where}: posttrain's stages finish (evaluate, save) on rank 0 alone, which needs the whole model "
-            "there; FSDP and ZeRO-3 keep a shard per process, so the run would hang after training. Use "
-            "recipes/accelerate/zero2.yaml (optimizer state and gradients sharded, whole weights on every GPU) or ddp.yaml")
+            "there; ZeRO-3 keeps a shard per process, so the run would hang after training. Use "
+            "recipes/accelerate/fsdp.yaml (weights sharded too), zero2.yaml or ddp.yaml")
 
 
 class MetricsCallback(TrainerCallback):
@@ -221,11 +221,13 @@ def atomic_checkpoints(trainer_cls: type) -> type:
 def build_trainer(trainer_cls: type, run: Run, **kwargs):
     """`trainer_cls(**kwargs)` with atomic checkpoints, logging into `run`, and our progress display
     instead of the Trainer's printed dicts."""
-    kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run)]
+    from posttrain.sharding import TrainingState
+
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run), TrainingState()]
     trainer = atomic_checkpoints(trainer_cls)(**kwargs)
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3):
-        raise UserError(sharded_refusal(f"{run.recipe.stage} under {'FSDP' if trainer.is_fsdp_enabled else 'ZeRO-3'}"))
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        raise UserError(sharded_refusal(f"{run.recipe.stage} under ZeRO-3"))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer

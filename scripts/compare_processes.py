@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/compare_processes.py                      # every stage, 2 processes
     .venv/bin/python scripts/compare_processes.py --stages sft,ppo --out runs/compare_processes
+    .venv/bin/python scripts/compare_processes.py --stages sft,dpo --accel fsdp      # FSDP2 instead of DDP
+    .venv/bin/python scripts/compare_processes.py --stages sft --machines 2          # 2 "machines" on this host
 
 For each stage it runs the same recipe twice on this machine: once as one plain process with
 batch B x N, once under `accelerate launch --config_file recipes/accelerate/ddp.yaml
@@ -50,23 +52,50 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def command(stage: str, recipe: Path, processes: int = 1, *args: str) -> list[str]:
-    """`posttrain STAGE RECIPE`, or the same under `accelerate launch` with N processes (make GPUS=N)."""
+def command(stage: str, recipe: Path, processes: int = 1, *args: str, accel: str = "ddp") -> list[str]:
+    """`posttrain STAGE RECIPE`, or the same under `accelerate launch` with N processes and
+    recipes/accelerate/ACCEL.yaml (make GPUS=N ACCEL=...)."""
     cli = ["-m", "posttrain.cli", stage, str(recipe), *args]
     if processes == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
+            str(ROOT / "recipes" / "accelerate" / f"{accel}.yaml"), "--num_processes", str(processes),
             "--main_process_port", str(free_port()), *cli]
 
 
-def run(stage: str, recipe: Path, processes: int = 1, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(stage, recipe, processes, *args), cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{stage} with {processes} process(es) failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def machine_commands(stage: str, recipe: Path, processes: int, machines: int, *args: str) -> list[list[str]]:
+    """The `accelerate launch` line of each of `machines` hosts (recipes/accelerate/multinode.yaml),
+    `processes` in all, here all on this host: machine 0 at 127.0.0.1 hosts the rendezvous."""
+    port = str(free_port())
+    return [[sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+             str(ROOT / "recipes" / "accelerate" / "multinode.yaml"), "--num_processes", str(processes),
+             "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "-m", "posttrain.cli", stage, str(recipe), *args]
+            for rank in range(machines)]
+
+
+def run(stage: str, recipe: Path, processes: int = 1, *args: str, machines: int = 1,
+        accel: str = "ddp") -> subprocess.CompletedProcess:
+    """Run the stage and wait; with machines > 1, one launch per machine at once (each as its host would)."""
+    lines = machine_commands(stage, recipe, processes, machines, *args) if machines > 1 else \
+        [command(stage, recipe, processes, *args, accel=accel)]
+    procs = [subprocess.Popen(line, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for line in lines]
+    done = []
+    for line, p in zip(lines, procs, strict=True):
+        try:
+            out, err = p.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        done.append(subprocess.CompletedProcess(line, p.returncode, out, err))
+    for i, proc in enumerate(done):
+        if proc.returncode != 0:
+            who = f"machine {i} of {machines}, " if machines > 1 else ""
+            raise RuntimeError(f"{stage} with {who}{processes} process(es) failed ({proc.returncode}):\n"
+                               f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return done[0]
 
 
 def write(path: Path, text: str) -> Path:
@@ -172,15 +201,20 @@ def outputs(run_dir: Path) -> list[str]:
 
 
 def compare_stage(stage: str, inputs: dict[str, Path], out: Path, processes: int = 2, batch: int = 4,
-                  steps: int = 20) -> dict:
-    """Run `stage` with 1 process x batch*processes and `processes` x batch; their curves side by side."""
+                  steps: int = 20, machines: int = 1, accel: str = "ddp") -> dict:
+    """Run `stage` with 1 process x batch*processes and `processes` x batch (launched with
+    recipes/accelerate/ACCEL.yaml, or spread over `machines` launches as on that many hosts); their
+    curves side by side."""
     runs = {}
     for n, b in ((1, batch * processes), (processes, batch)):
-        d = out / stage / f"{n}proc"
-        recipe = write(out / stage / f"{n}proc.yaml", stage_recipe(stage, inputs, d, b, steps))
-        run(stage, recipe, n, "--force")
+        name = f"{n}proc" if n == 1 else f"{n}proc_{machines}machines" if machines > 1 else \
+            f"{n}proc" if accel == "ddp" else f"{n}proc_{accel}"
+        d = out / stage / name
+        recipe = write(d.with_suffix(".yaml"), stage_recipe(stage, inputs, d, b, steps))
+        run(stage, recipe, n, "--force", machines=1 if n == 1 else machines, accel=accel)
         runs[n] = d
-    result = {"stage": stage, "processes": processes, "batch_per_process": batch, "runs": {k: str(v) for k, v in runs.items()},
+    result = {"stage": stage, "processes": processes, "machines": machines, "accel": accel, "batch_per_process": batch,
+              "runs": {k: str(v) for k, v in runs.items()},
               "keys": {},
               # only rank 0 writes: the same files, and as many metrics lines, as the one-process run
               "same_files": outputs(runs[1]) == outputs(runs[processes]),
@@ -201,8 +235,11 @@ def table(result: dict) -> str:
     key = next(iter(result["keys"]))
     k = result["keys"][key]
     n, b = result["processes"], result["batch_per_process"]
-    lines = [f"### {result['stage']}: {key}, 1 process x batch {n * b} vs {n} processes x batch {b}", "",
-             "| step | 1 process | " + f"{n} processes | abs diff |", "|---:|---:|---:|---:|"]
+    m = result.get("machines", 1)
+    many = f"{n} processes" + (f" on {m} machines" if m > 1 else "") + \
+        (f" ({result['accel']})" if result.get("accel", "ddp") != "ddp" else "")
+    lines = [f"### {result['stage']}: {key}, 1 process x batch {n * b} vs {many} x batch {b}", "",
+             f"| step | 1 process | {many} | abs diff |", "|---:|---:|---:|---:|"]
     for s, a, m in zip(k["steps"], k["one"], k["many"], strict=True):
         lines.append(f"| {s} | {a:.6f} | {m:.6f} | {abs(a - m):.1e} |")
     for name, v in result["keys"].items():
@@ -216,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare_processes", help="output folder (default: runs/compare_processes)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
     p.add_argument("--processes", type=int, default=2, help="processes of the data-parallel run (default 2)")
+    p.add_argument("--machines", type=int, default=1,
+                   help="spread the processes over this many launches of recipes/accelerate/multinode.yaml, as on "
+                        "that many hosts (here all on 127.0.0.1; default 1: one launch of ddp.yaml)")
+    p.add_argument("--accel", default="ddp", help="recipes/accelerate/ACCEL.yaml for the N-process run (default ddp; fsdp)")
     p.add_argument("--batch", type=int, default=4, help="batch per process (default 4: global batch 8)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (PPO: a third as many iterations)")
     args = p.parse_args(argv)
@@ -224,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s): {', '.join(sorted(unknown))}")
+    if args.machines < 1 or args.processes % args.machines:
+        p.error(f"--processes {args.processes} must be a multiple of --machines {args.machines}")
     print(f"building inputs in {out} ...", flush=True)
     inputs = build_inputs(out / "inputs")
     results, text = [], []
     for stage in stages:
         print(f"{stage}: 1 process, then {args.processes} ...", flush=True)
-        results.append(compare_stage(stage, inputs, out, args.processes, args.batch, args.steps))
+        results.append(compare_stage(stage, inputs, out, args.processes, args.batch, args.steps, args.machines, args.accel))
         text.append(table(results[-1]))
         print(text[-1], flush=True)
     (out / "compare.md").write_text("\n".join(text))

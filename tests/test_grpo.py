@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, cli, write
 
 from posttrain.rewards import Format, Match, choice_letter, final_number, normalise
@@ -67,6 +68,39 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_sft):
     assert whole[0] != whole[3] or whole[1] != whole[4]  # the same prompt with another seed: another answer
     assert sample(model, prompts, seeds, **kw) == whole
     assert all(0 < len(a) <= 10 for a in whole)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_log_probs_do_not_depend_on_left_padding(algorithm, tmp_path, tiny_sft):
+    """An answer's training log-probs are those it was sampled with, however much left padding its
+    prompt got in the batch (the padding differs between 1 and N processes). TRL's own forward uses
+    positions 0..T-1, which shifts a GPT-2-style model's positions by the padding: checked too, so
+    this test says when TRL stops needing the fix."""
+    from datasets import Dataset
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.stages.grpo import _trl, seeded_sampling
+    from posttrain.templates import pad_id, prompt_ids
+
+    tok = load_tokenizer(str(tiny_sft))
+    config_cls, trainer_cls = _trl(algorithm)
+    args = config_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=2,
+                      num_generations=2, max_completion_length=4, report_to=[], save_strategy="no")
+    data = Dataset.from_list([{"prompt": "Hi."}] * 2)
+
+    def logps(cls, padding: int):
+        trainer = cls(model=load_causal_lm(str(tiny_sft), "float32", tokenizer=tok), args=args,
+                      reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                      train_dataset=data, processing_class=tok)
+        ids = prompt_ids(tok, "Where does Ada live?") + tok("Ada lives", add_special_tokens=False)["input_ids"]
+        row = torch.tensor([[pad_id(tok)] * padding + ids])
+        mask = torch.tensor([[0] * padding + [1] * len(ids)])
+        with torch.no_grad():
+            return trainer._get_per_token_logps_and_entropies(trainer.model, row, mask, 3)[0]
+
+    ours = seeded_sampling(trainer_cls)
+    torch.testing.assert_close(logps(ours, 5), logps(ours, 0), rtol=0, atol=1e-5)
+    assert not torch.allclose(logps(trainer_cls, 5), logps(trainer_cls, 0), atol=1e-3)
 
 
 def _recipe(tmp_path: Path, world: Path, sft: Path, name: str, rewards: str, grpo: str = "", train: str = "",

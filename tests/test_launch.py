@@ -100,8 +100,8 @@ def test_the_trainer_joins_the_cpu_process_group(monkeypatch):
     check_launch(recipe("ppo"), ACCEL / "ddp.yaml", num_processes=2, cuda=False)  # PPO has its own Accelerator
 
 
-def test_without_cuda_sharding_and_half_precision_are_refused(tmp_path):
-    for name in ("fsdp", "zero2", "zero3"):
+def test_without_cuda_deepspeed_and_half_precision_are_refused(tmp_path):
+    for name in ("zero2", "zero3"):
         refused("needs CUDA GPUs", recipe("sft"), ACCEL / f"{name}.yaml", num_processes=2, cuda=False, deepspeed=True)
     refused("mixed_precision bf16 needs a CUDA GPU", recipe("sft"), config(tmp_path, "ddp", mixed_precision="bf16"),
             num_processes=2, cuda=False)
@@ -109,13 +109,21 @@ def test_without_cuda_sharding_and_half_precision_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_fsdp_and_zero3_are_refused_because_stages_end_on_rank_0(stage):
-    for name in ("fsdp", "zero3"):
-        message = refused(None, recipe(stage), ACCEL / f"{name}.yaml", num_processes=8, cuda=True, deepspeed=True)
-        if stage == "ppo":
-            assert "rollouts with the whole model on every process" in message
-        else:
-            assert "hang after training" in message and "zero2.yaml" in message
+@pytest.mark.parametrize("cuda", [False, True])
+def test_fsdp_takes_the_trainer_stages_and_refuses_the_rest(stage, cuda):
+    """FSDP runs on a CPU too (posttrain/sharding.py); ZeRO-3 stays refused (stages end on rank 0)."""
+    fsdp = ACCEL / "fsdp.yaml"
+    if stage in ("ppo", "grpo"):
+        message = refused(None, recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
+        assert "whole model on every process" in message or "with the whole policy on every process" in message
+    else:
+        notes = check_launch(recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
+        assert all("\n" not in n for n in notes)
+        if stage in ("sft", "dpo", "reward"):
+            refused("with LoRA: not supported yet", recipe(stage, "model.lora={r: 8}"), fsdp, num_processes=2, cuda=cuda)
+    if cuda:
+        message = refused(None, recipe(stage), ACCEL / "zero3.yaml", num_processes=8, cuda=True, deepspeed=True)
+        assert "rollouts with the whole model" in message if stage == "ppo" else "hang after training" in message
 
 
 def test_zero2_needs_deepspeed_and_follows_the_recipe(tmp_path):
@@ -143,3 +151,13 @@ def test_validate_with_a_launcher_config():
     bad = cli("validate", "--offline", str(GPT2 / "sft.yaml"), "--accel", str(ACCEL / "single.yaml"), "--set",
               "model.dtype=bfloat16")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "needs a CUDA GPU" in bad.stderr
+
+
+def test_the_readme_shows_the_launch_table_the_code_decides():
+    from posttrain.launch_rules import support_table
+
+    table = support_table(cuda=True)
+    assert table in (ROOT / "README.md").read_text(), "README's launch table is stale: paste `posttrain launches --gpu`"
+    assert "| fsdp | yes |" in table and "| zero3 | no (" in table
+    out = cli("launches", "--gpu")
+    assert out.returncode == 0 and out.stdout == table

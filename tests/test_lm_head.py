@@ -74,6 +74,22 @@ def test_pre_shifted_labels_and_plain_forward_pass_through():
     torch.testing.assert_close(full(input_ids=ids).logits, fused(input_ids=ids).logits)  # generation's forward
 
 
+def test_generation_of_left_padded_rows_is_unchanged():
+    """`generate` makes position ids only for a forward whose signature has them; the wrapper keeps the
+    model's signature, so a left-padded row generates as it does alone."""
+    import inspect
+
+    fused, full = _pair(lora=False)
+    assert "position_ids" in inspect.signature(full.forward).parameters
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [1, 1, 1, 5, 6, 7]])  # row 2: three pad tokens on the left
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1, eos_token_id=None)
+    out = full.generate(ids, **kw)
+    torch.testing.assert_close(out, fused.generate(ids, **kw))
+    alone = full.generate(ids[1:, 3:], max_new_tokens=6, do_sample=False, pad_token_id=1, eos_token_id=None)
+    assert out[1, 6:].tolist() == alone[0, 3:].tolist()
+
+
 def _count_fused_calls(monkeypatch) -> list:
     import trl.trainer.utils as trl_utils
 

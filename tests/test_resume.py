@@ -35,28 +35,28 @@ def timing(key: str) -> bool:
             or key.endswith(("_runtime", "_per_second")))
 
 
-def command(stage: str, recipe: Path, processes: int = 1) -> list[str]:
-    """`posttrain STAGE RECIPE`, or the same under `accelerate launch` with recipes/accelerate/ddp.yaml."""
+def command(stage: str, recipe: Path, processes: int = 1, accel: str = "ddp") -> list[str]:
+    """`posttrain STAGE RECIPE`, or the same under `accelerate launch` with recipes/accelerate/ACCEL.yaml."""
     if processes == 1:
         return [sys.executable, "-m", "posttrain.cli", stage, str(recipe)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", str(processes),
+            str(ROOT / "recipes" / "accelerate" / f"{accel}.yaml"), "--num_processes", str(processes),
             "--main_process_port", str(port), "-m", "posttrain.cli", stage, str(recipe)]
 
 
-def run(stage: str, recipe: Path, processes: int = 1) -> str:
-    proc = subprocess.run(command(stage, recipe, processes), cwd=ROOT, env=ENV, capture_output=True, text=True,
+def run(stage: str, recipe: Path, processes: int = 1, accel: str = "ddp") -> str:
+    proc = subprocess.run(command(stage, recipe, processes, accel), cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, f"{stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
 
-def start(stage: str, recipe: Path, processes: int = 1) -> subprocess.Popen:
+def start(stage: str, recipe: Path, processes: int = 1, accel: str = "ddp") -> subprocess.Popen:
     """The command in the background, in a session of its own."""
-    return subprocess.Popen(command(stage, recipe, processes), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen(command(stage, recipe, processes, accel), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -101,15 +101,15 @@ def summary(run: Path) -> dict:
     return {k: v for k, v in json.loads((run / "summary.json").read_text()).items() if not timing(k)}
 
 
-def kill_and_resume(stage: str, recipe: Path, checkpoint: str, processes: int = 1) -> list[dict]:
+def kill_and_resume(stage: str, recipe: Path, checkpoint: str, processes: int = 1, accel: str = "ddp") -> list[dict]:
     """Run `recipe` uninterrupted (into output_dir + "_straight"), and killed after `checkpoint` then
     resumed with the same command; check they end the same. Returns the killed run's metrics rows."""
     out = Path(yaml.safe_load(recipe.read_text())["output_dir"])
     straight = write(recipe.with_name(f"straight_{recipe.name}"),
                      recipe.read_text().replace(f"output_dir: {out}", f"output_dir: {out}_straight"))
-    run(stage, straight, processes)
+    run(stage, straight, processes, accel)
     straight = Path(f"{out}_straight")
-    kill_after(start(stage, recipe, processes), out / "checkpoints" / checkpoint)
+    kill_after(start(stage, recipe, processes, accel), out / "checkpoints" / checkpoint)
     assert not (out / "DONE").exists(), "the run finished before it was killed; make it longer"
     killed = rows(out)
     if processes > 1:  # the checkpoint's data order and RNG states are per process: another count is refused
@@ -117,7 +117,7 @@ def kill_and_resume(stage: str, recipe: Path, checkpoint: str, processes: int = 
         assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
         assert f"written by {processes} process(es) and this run has 1; resume it" in other.stderr \
             or f"written by {processes} processes, this run has 1" in other.stderr
-    stdout = run(stage, recipe, processes)  # the same command again
+    stdout = run(stage, recipe, processes, accel)  # the same command again
     assert f"resuming {out} from checkpoint-" in stdout
     assert (out / "DONE").exists()
     assert rows(out) == rows(straight)
@@ -146,6 +146,22 @@ output_dir: {out}
     killed = kill_and_resume("sft", recipe, "checkpoint-10", processes)
     assert 12 <= max(r["step"] for r in killed) < 60
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-50", "checkpoint-60"]
+
+
+@pytest.mark.slow
+def test_sft_under_fsdp_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_base):
+    """FSDP2 over 2 processes: the checkpoint holds the gathered model and the sharded optimizer state."""
+    out = tmp_path / "sft"
+    recipe = write(tmp_path / "sft.yaml", f"""\
+stage: sft
+model: {{path: {tiny_base}, chat_template: {ROOT / 'data_templates' / 'chatml.jinja'}}}
+data: {{train: {small_world}/sft_train.jsonl, max_length: 128}}
+train: {{max_steps: 40, lr: 2.0e-3, batch_size: 4, packing: true, save_every: 10, keep_checkpoints: 2}}
+logging: {{every: 1}}
+output_dir: {out}
+""")
+    killed = kill_and_resume("sft", recipe, "checkpoint-10", 2, accel="fsdp")
+    assert 12 <= max(r["step"] for r in killed) < 40
 
 
 @pytest.mark.parametrize("processes", PROCESSES)

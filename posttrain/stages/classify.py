@@ -36,6 +36,7 @@ from posttrain.models import check_max_length, last_token_logits, load_tokenizer
 from posttrain.plots import confusion
 from posttrain.recipe import ClassifyRecipe, LoraConfig
 from posttrain.runs import Curve, Run
+from posttrain.sharding import unshard
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
@@ -172,6 +173,7 @@ def main(recipe: ClassifyRecipe, force: bool = False) -> Path:
     # predict and evaluate gather over every process: all of them call these, then only rank 0 writes
     pred = trainer.predict(test_ds)
     val_accuracy = trainer.evaluate()["eval_accuracy"]
+    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
     if not run.is_main:
         return run.dir
 

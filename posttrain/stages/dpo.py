@@ -28,6 +28,7 @@ from posttrain.models import check_max_length, expose_head_bias, load_start_mode
 from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
 from posttrain.runs import Curve, Run
+from posttrain.sharding import is_sharded, unshard
 from posttrain.templates import pad_id
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
@@ -95,6 +96,8 @@ def main(recipe: DpoRecipe, force: bool = False) -> Path:
     use_full_logits_on_cpu(trainer.model, trainer.ref_model)
     train_metrics = fit(trainer, run)
     ev = trainer.evaluate() if eval_kept else {}  # every process (it gathers)
+    sharded = is_sharded(trainer)  # then the frozen reference is sharded too, and rank 0 reloads it
+    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
     if not run.is_main:
         return run.dir
 
@@ -116,7 +119,7 @@ def main(recipe: DpoRecipe, force: bool = False) -> Path:
             if k in after and k in before:
                 summary[f"delta_{k}"] = after[k] - before[k]
         reference = ref  # None with LoRA: the policy with its adapter off
-        if ref is None and not recipe.model.lora:  # precomputed log-probs: reload the starting model for this
+        if (ref is None or sharded) and not recipe.model.lora:  # precomputed log-probs, or a sharded copy: reload
             reference = load_start_model(recipe.model.path, "float32", tokenizer=tok)
         summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(
             policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,

@@ -34,16 +34,24 @@ from posttrain.models import check_max_length, expose_head_bias, load_start_mode
 from posttrain.monitor import check_history
 from posttrain.recipe import GrpoRecipe
 from posttrain.runs import Curve, Run
-from posttrain.sampling import answer_seed, sample
+from posttrain.sampling import answer_seed, position_ids_from, sample
 from posttrain.templates import pad_id, stop_ids
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
 def seeded_sampling(trainer_cls: type) -> type:
     """`trainer_cls` whose answers come from posttrain.sampling (a random stream per answer) instead of
-    one stream per batch; vLLM generation is left as TRL does it."""
+    one stream per batch, vLLM generation left as TRL does it; and whose log-probs are taken at the
+    positions the answers were sampled at (TRL's forward passes none, so with left-padded prompts an
+    absolute-position model such as GPT-2 is scored at positions shifted by each row's padding: the
+    first update is off-policy, and since padding is per process, N processes train another model
+    than one process did)."""
 
     class Seeded(trainer_cls):
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
+            return super()._get_per_token_logps_and_entropies(
+                _AtSampledPositions(model), input_ids, attention_mask, *args, **kwargs)
+
         def _generate_single_turn(self, prompt_ids, *args, **kwargs):
             if self.use_vllm:
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
@@ -57,6 +65,16 @@ def seeded_sampling(trainer_cls: type) -> type:
 
     Seeded.__name__ = Seeded.__qualname__ = trainer_cls.__name__
     return Seeded
+
+
+class _AtSampledPositions:
+    """`model` called with the position ids that `generate` used for the same attention mask."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        return self.model(**inputs, position_ids=position_ids_from(inputs["attention_mask"]))
 
 
 class RewardAliases(TrainerCallback):

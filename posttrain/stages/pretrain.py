@@ -39,6 +39,7 @@ from posttrain.errors import UserError
 from posttrain.evaluate import fact_recall
 from posttrain.recipe import PretrainRecipe
 from posttrain.runs import Curve, Run
+from posttrain.sharding import unshard
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
@@ -133,6 +134,7 @@ def main(recipe: PretrainRecipe, force: bool = False) -> Path:
                             data_collator=default_data_collator)
     train_metrics = fit(trainer, run)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
+    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
     if not run.is_main:
         return run.dir
 

@@ -44,6 +44,7 @@ from posttrain.plots import histogram
 from posttrain.preference import RewardScorer, fit_length, load_train_eval
 from posttrain.recipe import RewardRecipe
 from posttrain.runs import Curve, Run
+from posttrain.sharding import unshard
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
 
@@ -111,6 +112,7 @@ def main(recipe: RewardRecipe, force: bool = False) -> Path:
         before = pairwise(untrained.score_ids([p + c for p, c, _, _ in eval_ids]),
                           untrained.score_ids([p + r for p, _, r, _ in eval_ids]))
     train_metrics = fit(trainer, run)
+    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
     if not run.is_main:
         return run.dir
 

@@ -39,6 +39,7 @@ from posttrain.models import (
 from posttrain.recipe import SftRecipe
 from posttrain.render import check_loss_mode, default_loss, mask_source, render
 from posttrain.runs import Curve, Run
+from posttrain.sharding import unshard
 from posttrain.templates import pad_id
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
@@ -229,6 +230,7 @@ def main(recipe: SftRecipe, force: bool = False) -> Path:
         trainer.data_collator = PackedRows(pad_id(tok))
     train_metrics = fit(trainer, run)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None  # every process (it gathers)
+    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
     if not run.is_main:
         return run.dir
 
