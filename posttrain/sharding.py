@@ -2,9 +2,9 @@
 its whole model back at the end, and how much training state each process holds.
 
 A stage trains sharded on every process, then finishes (evaluates, saves) on rank 0 alone, as it
-does unsharded. `final_model` is the bridge: every process joins in gathering the full weights,
-rank 0 writes them once as an ordinary Hugging Face directory, and loads that back as a plain model
-that the rest of the stage evaluates and saves. Evaluation thus runs on rank 0 from the saved
+does unsharded. `unshard` is the bridge: every process joins in gathering the full weights,
+rank 0 writes them once as an ordinary Hugging Face directory and loads that back as a plain model,
+which becomes `trainer.model` for the rest of the stage (evaluation, saving). Evaluation thus runs on rank 0 from the saved
 weights: the same evaluation code and cost as an unsharded run, the sharded model's weights exactly.
 
 On a machine without a GPU accelerate never takes the FSDP path: `AcceleratorState.__init__`
@@ -92,28 +92,31 @@ def unsharded_class(model: nn.Module) -> type:
     return cls
 
 
-def unshard(trainer, run) -> None:
+def unshard(trainer, run) -> bool:
     """End of training, on every process: record the training state each process held, and under
     FSDP give rank 0 the whole trained model as `trainer.model`, so that the stage finishes there as
     an unsharded run does (evaluation, `trainer.save_model`, merging). The full weights are gathered
     (every process joins), written once by rank 0 to a staging directory in the run directory with
-    `trainer.save_model`, loaded back as a plain model of the same class, and the staging removed."""
+    `trainer.save_model`, loaded back as a plain model of the same class, and the staging removed.
+    Returns whether the model was sharded (then any other model the trainer sharded, such as DPO's
+    frozen reference, is still sharded on rank 0)."""
     memory = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingState)), None)
     held = per_process_bytes(trainer, memory) if memory is not None else None
     if held is not None:
         run.facts["training_state_bytes"] = held  # the process holding the most
     if not is_sharded(trainer):
-        return
+        return False
     staging = run.dir / ".gathered"
     trainer.save_model(str(staging))  # every process joins the gather; rank 0 writes (FULL_STATE_DICT)
     trainer.accelerator.wait_for_everyone()
     if not run.is_main:
-        return
+        return True
     dtype = next(trainer.model.parameters()).dtype
     model = unsharded_class(trainer.model).from_pretrained(str(staging), dtype=dtype)
     shutil.rmtree(staging)
     trainer.model = trainer.model_wrapped = model
     trainer.is_fsdp_enabled = False  # what is left (evaluate on rank 0, save_model) runs as without FSDP
+    return True
 
 
 class TrainingState(TrainerCallback):

@@ -207,8 +207,11 @@ def compare_stage(stage: str, inputs: dict[str, Path], out: Path, processes: int
     curves side by side."""
     runs = {}
     for n, b in ((1, batch * processes), (processes, batch)):
-        name = f"{n}proc" if n == 1 else f"{n}proc_{machines}machines" if machines > 1 else \
-            f"{n}proc" if accel == "ddp" else f"{n}proc_{accel}"
+        name = f"{n}proc"
+        if n > 1 and machines > 1:
+            name += f"_{machines}machines"
+        elif n > 1 and accel != "ddp":
+            name += f"_{accel}"
         d = out / stage / name
         recipe = write(d.with_suffix(".yaml"), stage_recipe(stage, inputs, d, b, steps))
         run(stage, recipe, n, "--force", machines=1 if n == 1 else machines, accel=accel)

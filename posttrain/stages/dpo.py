@@ -28,7 +28,7 @@ from posttrain.models import check_max_length, expose_head_bias, load_start_mode
 from posttrain.preference import fit_length, load_train_eval
 from posttrain.recipe import DpoRecipe
 from posttrain.runs import Curve, Run
-from posttrain.sharding import is_sharded, unshard
+from posttrain.sharding import unshard
 from posttrain.templates import pad_id
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
@@ -96,8 +96,8 @@ def main(recipe: DpoRecipe, force: bool = False) -> Path:
     use_full_logits_on_cpu(trainer.model, trainer.ref_model)
     train_metrics = fit(trainer, run)
     ev = trainer.evaluate() if eval_kept else {}  # every process (it gathers)
-    sharded = is_sharded(trainer)  # then the frozen reference is sharded too, and rank 0 reloads it
-    unshard(trainer, run)  # every process; under FSDP rank 0 gets the whole model as trainer.model
+    # every process; under FSDP rank 0 gets the whole model as trainer.model, and reloads the reference below
+    sharded = unshard(trainer, run)
     if not run.is_main:
         return run.dir
 
