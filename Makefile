@@ -17,12 +17,13 @@ PT     := $(BIN)/posttrain
 help:
 	@echo "make pipeline   set up .venv, then run every stage on the built-in world"
 	@echo "make test       set up .venv, then run the test suite and ruff"
-	@echo "make test-slow  the long end-to-end tests (minutes each)"
+	@echo "make test-slow  the long end-to-end tests (minutes each; installs DeepSpeed for the ZeRO ones)"
+	@echo "make deepspeed  DeepSpeed in .venv, for ACCEL=zero2|zero3 (runs on a CPU too)"
 	@echo "make compare-processes   1 vs 2 processes (GPUS=N) at the same global batch, every stage"
 	@echo "make world      generate runs/world/data"
 	@echo "make base       pretrain the world's base GPT (runs/world/base)"
 	@echo "make compare    base vs SFT vs DPO vs PPO on the eval prompts (runs/world/compare)"
-	@echo "make sft | classify | reward | dpo | ppo | grpo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2)"
+	@echo "make sft | classify | reward | dpo | ppo | grpo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2|zero3)"
 	@echo "make rl         PPO, GRPO and RLOO on the gold verifier beside SFT and DPO (runs/world/rl)"
 	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO, GSM8K GRPO on ../shared/data (recipes/examples/)"
 	@echo "make bench      speed vs a bare PyTorch loop, TRL and TRL 1.12's PPO, side by side (runs/bench/bench.md)"
@@ -55,8 +56,18 @@ test: setup
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check posttrain tests
 
-test-slow: setup
+test-slow: setup deepspeed
 	$(BIN)/python -m pytest -m slow
+
+# DeepSpeed for recipes/accelerate/zero2.yaml and zero3.yaml (the slow tests run them on DeepSpeed's CPU
+# accelerator). DS_BUILD_OPS=0 installs its Python code only: on a GPU it compiles the CUDA ops it
+# needs when first used (that needs a CUDA toolkit).
+DEEPSPEED ?= 0.19.8
+.PHONY: deepspeed
+deepspeed: $(VENV)/.deepspeed
+$(VENV)/.deepspeed: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet "deepspeed==$(DEEPSPEED)"
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check posttrain tests

@@ -66,13 +66,22 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         if finished_with(recipe) and not args.force:  # before the stage's imports and models: a re-run takes a second
             raise AlreadyDone(recipe.output_dir)
         from posttrain.launch_rules import check_launch
+        from posttrain.runs import check_resume
 
         check_launch(recipe)  # what this machine cannot run (e.g. float16 on a CPU), before any model loads
+        check_resume(recipe, args.force)  # a checkpoint written by another number of processes
         from posttrain import sharding
 
         if sharding.fsdp_launch():
             sharding.check_stage(recipe)  # what FSDP cannot take yet, before any model loads
             sharding.fsdp_on_cpu()  # a no-op where accelerate takes FSDP itself (GPUs)
+        if sharding.deepspeed_launch():
+            import torch
+
+            if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":  # what accelerate's launcher passes on
+                sharding.check_stage(recipe, "ZeRO-3")
+            if not torch.cuda.is_available():
+                sharding.deepspeed_on_cpu()
         out = importlib.import_module(STAGES[name].module).main(recipe, force=args.force)
     except AlreadyDone as done:
         if is_main_process():

@@ -25,7 +25,6 @@ from posttrain.errors import UserError
 from posttrain.recipe import Recipe
 from posttrain.recipe_file import read_yaml
 from posttrain.stages import STAGES
-from posttrain.training import sharded_refusal
 
 MULTI_PROCESS = ("MULTI_GPU", "FSDP", "DEEPSPEED")
 SHARDED = ("FSDP", "DEEPSPEED")
@@ -189,8 +188,8 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
     # accelerate/state.py (PartialState.__init__): ACCELERATE_USE_DEEPSPEED without the package is an
     # ImportError in every process, after the launcher has started them.
     if launch.distributed_type == "DEEPSPEED" and not deepspeed:
-        raise UserError(f"{where}: the deepspeed package is not installed; `pip install deepspeed` (needs a CUDA "
-                        "toolkit), or launch with recipes/accelerate/ddp.yaml")
+        raise UserError(f"{where}: the deepspeed package is not installed; `make deepspeed` installs it (on a CPU "
+                        "too), or launch with recipes/accelerate/ddp.yaml or fsdp.yaml")
 
     if not cuda:
         notes += _check_no_cuda(recipe, launch, n, where)
@@ -199,12 +198,10 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         notes += _check_fsdp(recipe, launch, where)
     if launch.distributed_type == "DEEPSPEED":
         notes += _check_deepspeed(recipe, launch, where)
-    if launch.distributed_type == "FSDP":
+    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
         from posttrain.sharding import check_stage
 
-        check_stage(recipe)
-    if launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3:
-        raise UserError(sharded_refusal(where))
+        check_stage(recipe, "FSDP" if launch.distributed_type == "FSDP" else "ZeRO-3", cuda=cuda)
 
     if cuda and n > 1:
         import torch
@@ -225,11 +222,8 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[s
     notes: list[str] = []
     # accelerate/state.py (AcceleratorState.__init__, PartialState._prepare_backend): FSDP and
     # DeepSpeed are set up only for GPU process groups; with cpu=True the processes fall back to
-    # plain data parallel on gloo (FSDP) or ignore DeepSpeed, without saying so.
-    # FSDP shards on a CPU too (posttrain/sharding.py fsdp_on_cpu).
-    if launch.distributed_type == "DEEPSPEED":
-        raise UserError(f"{where}: DeepSpeed needs CUDA GPUs and this machine has none (accelerate would quietly "
-                        "ignore it); use recipes/accelerate/ddp.yaml or fsdp.yaml here")
+    # plain data parallel on gloo (FSDP) or ignore DeepSpeed, without saying so. Both shard on a CPU
+    # too (posttrain/sharding.py fsdp_on_cpu, deepspeed_on_cpu: DeepSpeed's CPU accelerator).
     # transformers/training_args.py (TrainingArguments: bf16 without a bf16 GPU is a ValueError unless
     # use_cpu; fp16 needs a GPU) and posttrain/training.py use_bf16 (bf16 matmuls on a CPU are far
     # slower than fp32). The launcher's mixed_precision reaches the Trainer as ACCELERATE_MIXED_PRECISION.
@@ -247,7 +241,8 @@ def _check_no_cuda(recipe: Recipe, launch: Launch, n: int, where: str) -> list[s
     # sets use_cpu on a machine without CUDA, and posttrain/stages/ppo.py builds its Accelerator with
     # cpu=True there; checked on the real trainer arguments, so a change that drops it is caught here.
     multi = launch.distributed_type in MULTI_PROCESS and n > 1
-    if multi and STAGES[recipe.stage].trainer and not _trainer_uses_cpu(recipe):
+    # (A DeepSpeed launch must not ask for the CPU: accelerate would drop DeepSpeed; deepspeed_on_cpu.)
+    if multi and STAGES[recipe.stage].trainer and launch.distributed_type != "DEEPSPEED" and not _trainer_uses_cpu(recipe):
         raise UserError(f"{where} and {n} processes on a machine without CUDA: the Trainer joins a CPU process "
                         "group only with TrainingArguments(use_cpu=True), which posttrain/training.py does not set, "
                         f"so each process would train alone; run {recipe.stage} as one process here")
@@ -301,8 +296,9 @@ def _check_fsdp(recipe: Recipe, launch: Launch, where: str) -> list[str]:
             raise UserError(f"{where}: LoRA with new chat tokens (model.lora + model.chat_template) trains a few embedding "
                             "rows beside frozen ones, which FSDP1 refuses without use_orig_params; set "
                             "fsdp_use_orig_params: true (or fsdp_version: 2)")
-        notes.append(f"{where}: LoRA with new chat tokens trains them through peft's trainable_token_indices, which "
-                     "peft documents as not yet fully supported under FSDP; if it fails, use recipes/accelerate/ddp.yaml")
+        if version == 1:  # FSDP2 is measured (posttrain/sharding.py check_stage refuses tied embeddings there)
+            notes.append(f"{where}: LoRA with new chat tokens trains them through peft's trainable_token_indices, which "
+                         "is untested under FSDP1; if it fails, use fsdp_version: 2 or recipes/accelerate/ddp.yaml")
     # accelerate/utils/dataclasses.py (FullyShardedDataParallelPlugin.set_auto_wrap_policy): a class
     # name that the model does not have is an error in every process after loading the model.
     layer = f.get("fsdp_transformer_layer_cls_to_wrap")

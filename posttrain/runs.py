@@ -115,6 +115,28 @@ class Curve(NamedTuple):
     ylabel: str = ""
 
 
+# Beside every checkpoint: what the checkpoint format lacks, and the number of processes that wrote it.
+EXTRA_STATE_FILE = "posttrain_state.json"
+
+
+def check_resume(recipe: Recipe, force: bool = False) -> None:
+    """Refuse, before any model loads, to resume a checkpoint that another number of processes wrote
+    (`WORLD_SIZE`, as the launcher sets it): its data order and per-process random states would not
+    line up. The stage itself resumes from that checkpoint only when the recipe is unchanged."""
+    run = Run(recipe)
+    saved = run.dir / "recipe.yaml"
+    if force or (run.dir / "DONE").exists() or not saved.is_file() or not _same_recipe(saved.read_text(), recipe):
+        return
+    ckpt = run.last_checkpoint()
+    state = ckpt / EXTRA_STATE_FILE if ckpt is not None else None
+    if state is None or not state.is_file():
+        return
+    written, now = json.loads(state.read_text()).get("processes", 1), int(os.environ.get("WORLD_SIZE", "1"))
+    if written != now:
+        raise UserError(f"{ckpt} was written by {written} process(es) and this run has {now}; resume it launched the "
+                        "same way, or pass --force to start over")
+
+
 class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -1,11 +1,14 @@
-"""Sharded training (FSDP2) for the Trainer stages: where the weights are sharded, how a stage gets
-its whole model back at the end, and how much training state each process holds.
+"""Sharded training (FSDP2, DeepSpeed ZeRO) for the Trainer stages: what each can take, how a stage
+gets its whole model back at the end, and how much training state each process holds.
 
 A stage trains sharded on every process, then finishes (evaluates, saves) on rank 0 alone, as it
-does unsharded. `unshard` is the bridge: every process joins in gathering the full weights,
-rank 0 writes them once as an ordinary Hugging Face directory and loads that back as a plain model,
-which becomes `trainer.model` for the rest of the stage (evaluation, saving). Evaluation thus runs on rank 0 from the saved
-weights: the same evaluation code and cost as an unsharded run, the sharded model's weights exactly.
+does unsharded. `unshard` is the bridge: every process joins in gathering the full weights, and
+rank 0 puts them into a weightless copy of the model taken before sharding (`skeleton`), which
+becomes `trainer.model` for the rest of the stage. A full model and a LoRA (peft) model come back
+alike, so evaluation, saving and merging an adapter run the code and cost of an unsharded run, on
+the sharded model's weights exactly. Rank 0 evaluates, rather than every rank on its shard: the
+stages' evaluation generates, and generation through sharded modules would gather every layer's
+weights at every new token.
 
 On a machine without a GPU accelerate never takes the FSDP path: `AcceleratorState.__init__`
 (accelerate/state.py) turns an FSDP launch into FSDP only for GPU-like process groups and leaves a
@@ -13,12 +16,15 @@ CPU one (MULTI_CPU, gloo) as plain data parallel, silently. `fsdp_on_cpu` sets t
 that branch would have set, and nothing else; everything after it (accelerate's fsdp2_prepare_model,
 which calls torch's fully_shard, its full-state-dict gathering, the Trainer's FSDP save and
 checkpoint code) is the code a GPU run executes. torch's FSDP2 itself supports CPU over gloo.
+DeepSpeed has a CPU accelerator of its own; `deepspeed_on_cpu` records for accelerate the process
+group DeepSpeed made there, which accelerate does for GPU groups only.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import shutil
+from collections import Counter
 
 import torch
 from torch import nn
@@ -28,6 +34,41 @@ from transformers import TrainerCallback
 def fsdp_launch() -> bool:
     """Whether this process was launched with an FSDP accelerate config (the launcher sets this)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def deepspeed_launch() -> bool:
+    """Whether this process was launched with a DeepSpeed accelerate config (the launcher sets this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_on_cpu() -> None:
+    """Let a DeepSpeed launch run ZeRO on a CPU (DeepSpeed's CPU accelerator, gloo). Call before any
+    Accelerator or TrainingArguments exists, and ask for the CPU through neither (use_cpu=False):
+    accelerate builds a DeepSpeed state only without cpu=True (accelerate/state.py
+    PartialState.__init__). There, with no GPU, it finds no backend and records one process, while
+    DeepSpeed's own init_distributed has joined every process over gloo; DeepSpeed then stops on
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size". This
+    records the process group DeepSpeed made (backend, world size, rank, the CPU as the device),
+    as accelerate does for a GPU group, and nothing else."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own switch; it guesses otherwise
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    init = state.PartialState.__init__
+    if getattr(init, "posttrain_deepspeed_on_cpu", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        dist = torch.distributed
+        if self.distributed_type == DistributedType.DEEPSPEED and self.backend is None and dist.is_initialized():
+            self.backend = dist.get_backend()
+            self.num_processes, self.process_index = dist.get_world_size(), dist.get_rank()
+            self.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cpu")
+
+    __init__.posttrain_deepspeed_on_cpu = True
+    state.PartialState.__init__ = __init__
 
 
 def fsdp_on_cpu() -> None:
@@ -56,19 +97,38 @@ def fsdp_on_cpu() -> None:
 FSDP_STAGES = ("pretrain", "sft", "classify", "reward", "dpo")
 
 
-def check_stage(recipe) -> None:
-    """Refuse, in one line, what FSDP cannot take in posttrain (yet), before any model loads."""
+def check_stage(recipe, kind: str = "FSDP", cuda: bool | None = None) -> None:
+    """Refuse, in one line, what sharded weights (`kind`: FSDP or ZeRO-3) cannot take in posttrain
+    (yet), before any model loads. `cuda`: whether the machine has a CUDA GPU (default: this one)."""
     from posttrain.errors import UserError
 
-    where = f"{recipe.stage} under FSDP"
+    where = f"{recipe.stage} under {kind}"
     if recipe.stage not in FSDP_STAGES:
+        other = "ddp.yaml" if kind == "FSDP" else "zero2.yaml or ddp.yaml"
         raise UserError(f"{where}: {recipe.stage} generates answers while it trains, with the whole policy on every "
-                        "process, which FSDP shards; launch it with recipes/accelerate/ddp.yaml")
+                        f"process, which {kind} shards; launch it with recipes/accelerate/{other}")
     model = getattr(recipe, "model", None)
-    lora = model is not None and model.lora is not None
-    if lora or getattr(getattr(recipe, "classify", None), "trainable", None) == "lora":
-        raise UserError(f"{where} with LoRA: not supported yet (the adapter is not gathered back into a loadable run "
-                        "directory); a LoRA run's trainable state is small, so launch it with recipes/accelerate/ddp.yaml")
+    rows = None  # (new token rows?, tied embeddings?) of LoRA SFT with a template file; None: unknown
+    lora_template = recipe.stage == "sft" and model is not None and model.lora is not None and model.chat_template
+    if lora_template:
+        rows = template_rows(model)
+    if lora_template and kind == "ZeRO-3" and (rows is None or rows[0]):
+        if cuda is None:
+            cuda = torch.cuda.is_available()
+        # peft/tuners/trainable_tokens/layer.py (_collect_token_weights): "right now, only CUDA is implemented"
+        if not cuda:
+            which = f"{model.path} lacks" if rows else f"only a local copy of {model.path} tells whether it lacks"
+            raise UserError(f"{where} without a GPU: LoRA with new chat tokens ({which} the template's tokens): peft "
+                            "builds the new rows under ZeRO-3 on CUDA only; use recipes/accelerate/zero2.yaml or "
+                            "ddp.yaml, or start from a model that has the tokens (an SFT run)")
+    if kind != "FSDP":
+        return
+    if lora_template and (rows is None or all(rows)):
+        which = f"{model.path} is one" if rows else f"only a local copy of {model.path} tells whether it is one"
+        raise UserError(f"{where}: LoRA with new chat tokens fails under FSDP2 on a model with tied input and output "
+                        f"embeddings (GPT-2's are; {which}): peft trains the new rows as one delta both share, and "
+                        "accelerate shards the two apart, which torch refuses; use recipes/accelerate/ddp.yaml, or "
+                        "full fine-tuning under FSDP")
     # accelerate/utils/launch.py passes fsdp_transformer_layer_cls_to_wrap as this variable; a class the
     # model lacks fails in every process after the model has loaded (FullyShardedDataParallelPlugin).
     layers = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
@@ -78,44 +138,116 @@ def check_stage(recipe) -> None:
         check_layer_classes(recipe, layers, where)
 
 
+def template_rows(model) -> tuple[bool, bool] | None:
+    """(whether the recipe's chat template, `model.chat_template`, adds token rows; whether the
+    model's input and output embeddings are tied), or None when that cannot be told from files on
+    this machine (a model directory, or the Hugging Face cache), without downloading."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from posttrain.models import adapter_base, attach_chat_template, is_adapter
+
+    remote = model.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path, local_files_only=True, trust_remote_code=remote)
+        base = adapter_base(model.path) if is_adapter(model.path) else model.path
+        config = AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=remote)
+    except (OSError, ValueError):
+        return None
+    return bool(attach_chat_template(None, tokenizer, model.chat_template)), bool(getattr(config, "tie_word_embeddings", True))
+
+
 def is_sharded(trainer) -> bool:
-    return bool(getattr(trainer, "is_fsdp_enabled", False))
+    """Whether the trainer trains through FSDP or DeepSpeed (ZeRO-2 keeps whole weights on every
+    process but wraps them in an engine whose saving and stepping every process must join)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
 
 
-def unsharded_class(model: nn.Module) -> type:
-    """The model's own class: fully_shard swaps it for a subclass named FSDP<Class>."""
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are on the meta device (it costs no memory), taken before
+    FSDP or ZeRO-3 shards the model in place: the structure (a peft model, a classification head, tied
+    embeddings, as the stage built it) that `unshard` fills with the gathered weights on rank 0.
+    Buffers are copied as they are (some are not in the state dict). Forwards that trainers patch
+    onto instances are dropped: the copy runs its classes' own forward."""
+    meta = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    copy_ = copy.deepcopy(model, meta)  # a parameter found in the memo is not copied again
+    for module in copy_.modules():
+        module.__dict__.pop("forward", None)
+    return copy_
+
+
+def fill(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give `skeleton(...)`'s meta parameters the gathered full `state` (each in the dtype it was
+    built with), keeping tied parameters tied; persistent buffers are taken from `state` as well."""
+    made: dict[int, nn.Parameter] = {}
+    keys = set(state)
+    for prefix, module in model.named_modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            key = f"{prefix}.{name}" if prefix else name
+            if key not in state and id(p) not in made:  # a tied parameter may be gathered under one name
+                raise RuntimeError(f"the gathered state has no {key}")
+            keys.discard(key)
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(state[key].to(p.dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, b in module._buffers.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if b is not None and key in state:
+                module._buffers[name] = state[key].to(b.dtype)
+                keys.discard(key)
+    if keys:
+        raise RuntimeError(f"the gathered state has entries the model lacks: {sorted(keys)[:3]}")
+    return model
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """A module's own class: fully_shard swaps it for a subclass named FSDP<Class>."""
     from torch.distributed.fsdp import FSDPModule
 
-    cls = type(model)
-    if issubclass(cls, FSDPModule):
-        cls = next(b for b in cls.__bases__ if b is not FSDPModule)
-    return cls
+    cls = type(module)
+    return next(b for b in cls.__bases__ if b is not FSDPModule) if issubclass(cls, FSDPModule) else cls
 
 
 def unshard(trainer, run) -> bool:
     """End of training, on every process: record the training state each process held, and under
-    FSDP give rank 0 the whole trained model as `trainer.model`, so that the stage finishes there as
-    an unsharded run does (evaluation, `trainer.save_model`, merging). The full weights are gathered
-    (every process joins), written once by rank 0 to a staging directory in the run directory with
-    `trainer.save_model`, loaded back as a plain model of the same class, and the staging removed.
+    FSDP or DeepSpeed give rank 0 the whole trained model as `trainer.model`, so that the stage finishes there as
+    an unsharded run does (evaluation, `trainer.save_model`, merging a LoRA adapter). Every process
+    joins in gathering the full weights; rank 0 puts them into the skeleton `build_trainer` took
+    before sharding, so a full model and a peft model come back alike, without a trip through disk.
     Returns whether the model was sharded (then any other model the trainer sharded, such as DPO's
     frozen reference, is still sharded on rank 0)."""
     memory = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingState)), None)
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        memory = None  # DeepSpeed keeps gradients and an fp32 master copy in its own flat buffers, unseen here
     held = per_process_bytes(trainer, memory) if memory is not None else None
     if held is not None:
         run.facts["training_state_bytes"] = held  # the process holding the most
     if not is_sharded(trainer):
         return False
-    staging = run.dir / ".gathered"
-    trainer.save_model(str(staging))  # every process joins the gather; rank 0 writes (FULL_STATE_DICT)
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.fsdp import FSDPModule
+
+        # how finely the model was cut (each decoder block, embeddings and head, the root), by class
+        cut = Counter(unsharded_class(m).__name__ for m in trainer.model.modules() if isinstance(m, FSDPModule))
+        run.facts["fsdp_modules"] = dict(sorted(cut.items()))
+        state = trainer.accelerator.get_state_dict(trainer.model)  # every process joins; rank 0 gets it all, on the CPU
+    else:  # DeepSpeed: ZeRO-3 gathers (every process joins; zero3_save_16bit_model), ZeRO-2 has it all already
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        # transformers reads ZeRO-3 from one global: with it set, generate() waits on every process at
+        # each token (synced_gpus) and from_pretrained() partitions what it loads; rank 0 now goes on alone
+        unset_hf_deepspeed_config()
     trainer.accelerator.wait_for_everyone()
     if not run.is_main:
         return True
-    dtype = next(trainer.model.parameters()).dtype
-    model = unsharded_class(trainer.model).from_pretrained(str(staging), dtype=dtype)
-    shutil.rmtree(staging)
+    model = fill(trainer.posttrain_skeleton, state).to(trainer.args.device)
+    del trainer.posttrain_skeleton
     trainer.model = trainer.model_wrapped = model
-    trainer.is_fsdp_enabled = False  # what is left (evaluate on rank 0, save_model) runs as without FSDP
+    # what is left (evaluate on rank 0, save_model) runs as without sharding
+    trainer.is_fsdp_enabled = trainer.is_deepspeed_enabled = False
     return True
 
 

@@ -22,7 +22,8 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe
-from posttrain.runs import Run, publish
+from posttrain.runs import EXTRA_STATE_FILE, Run, publish
+from posttrain.sharding import deepspeed_launch
 
 
 def use_bf16(recipe_dtype: str) -> bool:
@@ -72,22 +73,12 @@ def trainer_kwargs(recipe: Recipe, run: Run, **extra) -> dict:
         gradient_checkpointing=bool(model is not None and model.gradient_checkpointing),
         # Without CUDA the Trainer joins the launcher's process group (gloo) only when asked for the
         # CPU (transformers/training_args.py _setup_devices); otherwise each process trains alone.
-        use_cpu=not torch.cuda.is_available(),
+        # A DeepSpeed launch must not ask for the CPU: accelerate would drop DeepSpeed (posttrain/sharding.py
+        # deepspeed_on_cpu joins its process group instead).
+        use_cpu=not torch.cuda.is_available() and not deepspeed_launch(),
     )
     kwargs.update(extra)
     return kwargs
-
-
-def sharded_refusal(where: str) -> str:
-    """Why ZeRO-3 is refused (by build_trainer at run time, and up front by launch_rules.check_launch)."""
-    # posttrain/stages/*.py: once training ends, the other processes return and rank 0 alone
-    # evaluates (generate, fact probes, KL to the reference) and saves the model. Under ZeRO-3 every
-    # process holds only a shard of the weights, so a forward pass on rank 0 alone, or
-    # Trainer.save_model there, waits for processes that have left: the run would hang after training.
-    # (FSDP gathers the whole model for rank 0 first: posttrain/sharding.py unshard.)
-    return (f"{where}: posttrain's stages finish (evaluate, save) on rank 0 alone, which needs the whole model "
-            "there; ZeRO-3 keeps a shard per process, so the run would hang after training. Use "
-            "recipes/accelerate/fsdp.yaml (weights sharded too), zero2.yaml or ddp.yaml")
 
 
 class MetricsCallback(TrainerCallback):
@@ -171,8 +162,7 @@ class Progress:
 # What a Hugging Face checkpoint lacks for a resumed run to log what an uninterrupted one logs: the
 # loss summed so far (the Trainer's train_loss averages only the steps since it started) and TRL's
 # running token count (num_tokens), and a stage's own counts (`extra_state`, e.g. SFT's padding).
-# Saved beside the checkpoint, read back by fit().
-EXTRA_STATE_FILE = "posttrain_state.json"
+# Saved beside the checkpoint (posttrain/runs.py EXTRA_STATE_FILE), read back by fit().
 
 
 def atomic_checkpoints(trainer_cls: type) -> type:
@@ -221,13 +211,13 @@ def atomic_checkpoints(trainer_cls: type) -> type:
 def build_trainer(trainer_cls: type, run: Run, **kwargs):
     """`trainer_cls(**kwargs)` with atomic checkpoints, logging into `run`, and our progress display
     instead of the Trainer's printed dicts."""
-    from posttrain.sharding import TrainingState
+    from posttrain.sharding import TrainingState, skeleton
 
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run), TrainingState()]
     trainer = atomic_checkpoints(trainer_cls)(**kwargs)
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
-        raise UserError(sharded_refusal(f"{run.recipe.stage} under ZeRO-3"))
+    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and trainer.accelerator.is_main_process:
+        # FSDP and ZeRO-3 shard the model in place when training starts; rank 0 keeps its structure to finish on
+        trainer.posttrain_skeleton = skeleton(trainer.model)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer

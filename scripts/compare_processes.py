@@ -49,7 +49,8 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def command(stage: str, recipe: Path, processes: int = 1, *args: str, accel: str = "ddp") -> list[str]:
@@ -201,10 +202,10 @@ def outputs(run_dir: Path) -> list[str]:
 
 
 def compare_stage(stage: str, inputs: dict[str, Path], out: Path, processes: int = 2, batch: int = 4,
-                  steps: int = 20, machines: int = 1, accel: str = "ddp") -> dict:
+                  steps: int = 20, machines: int = 1, accel: str = "ddp", overrides: tuple[str, ...] = ()) -> dict:
     """Run `stage` with 1 process x batch*processes and `processes` x batch (launched with
     recipes/accelerate/ACCEL.yaml, or spread over `machines` launches as on that many hosts); their
-    curves side by side."""
+    curves side by side. `overrides` (KEY=VALUE, as --set takes them) change both runs' recipe."""
     runs = {}
     for n, b in ((1, batch * processes), (processes, batch)):
         name = f"{n}proc"
@@ -214,9 +215,11 @@ def compare_stage(stage: str, inputs: dict[str, Path], out: Path, processes: int
             name += f"_{accel}"
         d = out / stage / name
         recipe = write(d.with_suffix(".yaml"), stage_recipe(stage, inputs, d, b, steps))
-        run(stage, recipe, n, "--force", machines=1 if n == 1 else machines, accel=accel)
+        sets = [a for o in overrides for a in ("--set", o)]
+        run(stage, recipe, n, "--force", *sets, machines=1 if n == 1 else machines, accel=accel)
         runs[n] = d
     result = {"stage": stage, "processes": processes, "machines": machines, "accel": accel, "batch_per_process": batch,
+              "overrides": list(overrides),
               "runs": {k: str(v) for k, v in runs.items()},
               "keys": {},
               # only rank 0 writes: the same files, and as many metrics lines, as the one-process run
@@ -262,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", default="ddp", help="recipes/accelerate/ACCEL.yaml for the N-process run (default ddp; fsdp)")
     p.add_argument("--batch", type=int, default=4, help="batch per process (default 4: global batch 8)")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (PPO: a third as many iterations)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for both runs, e.g. --set 'model.lora={r: 8}' (repeatable)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     results, text = [], []
     for stage in stages:
         print(f"{stage}: 1 process, then {args.processes} ...", flush=True)
-        results.append(compare_stage(stage, inputs, out, args.processes, args.batch, args.steps, args.machines, args.accel))
+        results.append(compare_stage(stage, inputs, out, args.processes, args.batch, args.steps, args.machines,
+                                     args.accel, tuple(args.overrides)))
         text.append(table(results[-1]))
         print(text[-1], flush=True)
     (out / "compare.md").write_text("\n".join(text))

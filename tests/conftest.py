@@ -25,6 +25,15 @@ def cli(*args: str, cwd: Path | None = None, check: bool = False, input: str | N
     return proc
 
 
+def launcher(name: str):
+    """recipes/accelerate/NAME.yaml as a test parameter; DeepSpeed's (zero*) skip where it is not installed."""
+    import importlib.util
+
+    if name.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        return pytest.param(name, marks=pytest.mark.skip(reason="DeepSpeed is not installed (make deepspeed)"))
+    return name
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

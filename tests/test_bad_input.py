@@ -742,6 +742,30 @@ for _name, _accel, _culprit in [
     case("validate", _name, _culprit)(_build)
 
 
+@case("validate", "fsdp_lora_new_tokens_tied", "tied")
+def _(env):  # GPT-2's tied embeddings, new ChatML rows, LoRA: FSDP2 cannot shard peft's shared delta
+    lora = Path(env.sft()).read_text().replace(f"chat_template: {CHATML}}}", f"chat_template: {CHATML}, lora: {{r: 4}}}}")
+    return ["validate", env.recipe(lora, "lora.yaml"), "--accel", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")]
+
+
+@case("validate", "zero3_grpo", "ZeRO-3")
+def _(env):
+    recipe = env.recipe(f"stage: grpo\nmodel: {{path: {env.sft_dir}}}\ndata: {{train: {env.world}/ppo_prompts.jsonl}}\n"
+                        f"grpo: {{rewards: [{{source: format}}]}}\noutput_dir: {env.out}\n", "grpo.yaml")
+    return ["validate", recipe, "--accel", str(ROOT / "recipes" / "accelerate" / "zero3.yaml")]
+
+
+@case("checkpoint", "resume_other_process_count", "written by 2 process(es) and this run has 1")
+def _(env):  # an unfinished run of the same recipe whose checkpoint two processes wrote: refused before loading
+    from posttrain.recipe_file import load_recipe
+    from posttrain.runs import EXTRA_STATE_FILE, recipe_yaml
+
+    recipe = env.sft()
+    env.file("out/recipe.yaml", recipe_yaml(load_recipe(recipe)))
+    env.file(f"out/checkpoints/checkpoint-1/{EXTRA_STATE_FILE}", json.dumps({"processes": 2}))
+    return ["sft", recipe]
+
+
 # --- running them ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -100,9 +100,12 @@ def test_the_trainer_joins_the_cpu_process_group(monkeypatch):
     check_launch(recipe("ppo"), ACCEL / "ddp.yaml", num_processes=2, cuda=False)  # PPO has its own Accelerator
 
 
-def test_without_cuda_deepspeed_and_half_precision_are_refused(tmp_path):
+def test_without_cuda_half_precision_is_refused_and_deepspeed_runs_on_its_cpu_accelerator(tmp_path):
     for name in ("zero2", "zero3"):
-        refused("needs CUDA GPUs", recipe("sft"), ACCEL / f"{name}.yaml", num_processes=2, cuda=False, deepspeed=True)
+        notes = check_launch(recipe("sft"), ACCEL / f"{name}.yaml", num_processes=2, cuda=False, deepspeed=True)
+        assert any("data parallel over gloo" in n for n in notes)
+        refused("deepspeed package is not installed", recipe("sft"), ACCEL / f"{name}.yaml", num_processes=2,
+                cuda=False, deepspeed=False)
     refused("mixed_precision bf16 needs a CUDA GPU", recipe("sft"), config(tmp_path, "ddp", mixed_precision="bf16"),
             num_processes=2, cuda=False)
     refused("model.dtype bfloat16: needs a CUDA GPU", recipe("dpo", "model.dtype=bfloat16"), None, cuda=False)
@@ -119,11 +122,43 @@ def test_fsdp_takes_the_trainer_stages_and_refuses_the_rest(stage, cuda):
     else:
         notes = check_launch(recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
         assert all("\n" not in n for n in notes)
-        if stage in ("sft", "dpo", "reward"):
-            refused("with LoRA: not supported yet", recipe(stage, "model.lora={r: 8}"), fsdp, num_processes=2, cuda=cuda)
-    if cuda:
-        message = refused(None, recipe(stage), ACCEL / "zero3.yaml", num_processes=8, cuda=True, deepspeed=True)
-        assert "rollouts with the whole model" in message if stage == "ppo" else "hang after training" in message
+        if stage in ("dpo", "reward"):  # LoRA too (sft: below)
+            check_launch(recipe(stage, "model.lora={r: 8}"), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
+    # ZeRO-3 shards the weights as FSDP does, and takes the same stages (rank 0 gathers them to finish)
+    zero3 = ACCEL / "zero3.yaml"
+    if stage in ("ppo", "grpo"):
+        message = refused(None, recipe(stage), zero3, num_processes=8, cuda=cuda, deepspeed=True)
+        assert "rollouts with the whole model" in message if stage == "ppo" else "which ZeRO-3 shards" in message
+    else:
+        check_launch(recipe(stage), zero3, num_processes=2, cuda=cuda, deepspeed=True)
+
+
+def test_sharding_refuses_lora_with_new_chat_tokens_where_peft_cannot_build_them(tiny_base, tiny_sft, tmp_path):
+    """peft's delta for new token rows is shared by tied input and output embeddings, which FSDP2 (as
+    accelerate cuts the model) cannot shard; everything else about LoRA SFT under FSDP is allowed."""
+    from families import build_checkpoint
+
+    from posttrain.sharding import check_stage, template_rows
+
+    fsdp, chatml = ACCEL / "fsdp.yaml", ROOT / "data_templates" / "chatml.jinja"
+    lora = ("model.lora={r: 8}", f"model.chat_template={chatml}")
+    message = refused("LoRA with new chat tokens fails under FSDP2", recipe("sft", f"model.path={tiny_base}", *lora),
+                      fsdp, num_processes=2, cuda=False)
+    assert f"{tiny_base} is one" in message and "ddp.yaml" in message
+    # the SFT run already has the template's tokens; GPT-2 from the Hub cannot be told offline (refused)
+    check_launch(recipe("sft", f"model.path={tiny_sft}", *lora), fsdp, num_processes=2, cuda=False)
+    refused("only a local copy of openai-community/gpt2 tells", recipe("sft", *lora), fsdp, num_processes=2, cuda=False)
+    check_launch(recipe("sft", f"model.path={tiny_base}", f"model.chat_template={chatml}"), fsdp, num_processes=2,
+                 cuda=False)  # full fine-tuning
+    untied = build_checkpoint("llama", tmp_path / "llama", ["Ada Lang lives in Paris."] * 20)
+    assert template_rows(recipe("sft", f"model.path={untied}", *lora).model) == (True, False)  # new rows, untied: allowed
+    check_stage(recipe("sft", f"model.path={untied}", *lora))  # (fsdp.yaml names GPT-2's block, not Llama's)
+    # ZeRO-3: peft builds new token rows on CUDA only
+    zero3 = ACCEL / "zero3.yaml"
+    refused("peft builds the new rows under ZeRO-3 on CUDA only", recipe("sft", f"model.path={tiny_base}", *lora), zero3,
+            num_processes=2, cuda=False, deepspeed=True)
+    check_launch(recipe("sft", f"model.path={tiny_base}", *lora), zero3, num_processes=2, cuda=True, deepspeed=True)
+    check_launch(recipe("sft", f"model.path={tiny_sft}", *lora), zero3, num_processes=2, cuda=False, deepspeed=True)
 
 
 def test_zero2_needs_deepspeed_and_follows_the_recipe(tmp_path):
@@ -158,6 +193,6 @@ def test_the_readme_shows_the_launch_table_the_code_decides():
 
     table = support_table(cuda=True)
     assert table in (ROOT / "README.md").read_text(), "README's launch table is stale: paste `posttrain launches --gpu`"
-    assert "| fsdp | yes |" in table and "| zero3 | no (" in table
+    assert "| fsdp | yes |" in table and "| zero3 | yes |" in table
     out = cli("launches", "--gpu")
     assert out.returncode == 0 and out.stdout == table

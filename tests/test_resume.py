@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, cli, write
+from conftest import ROOT, cli, launcher, write
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+       "OMP_NUM_THREADS": "1"}
 
 
 def timing(key: str) -> bool:
@@ -149,8 +150,10 @@ output_dir: {out}
 
 
 @pytest.mark.slow
-def test_sft_under_fsdp_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_base):
-    """FSDP2 over 2 processes: the checkpoint holds the gathered model and the sharded optimizer state."""
+@pytest.mark.parametrize("accel", [launcher("fsdp"), launcher("zero3")])
+def test_sharded_sft_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_base, accel):
+    """FSDP2 or ZeRO-3 over 2 processes: the checkpoint holds the gathered model and the sharded
+    optimizer state (FSDP's, or DeepSpeed's per-rank files)."""
     out = tmp_path / "sft"
     recipe = write(tmp_path / "sft.yaml", f"""\
 stage: sft
@@ -160,7 +163,7 @@ train: {{max_steps: 40, lr: 2.0e-3, batch_size: 4, packing: true, save_every: 10
 logging: {{every: 1}}
 output_dir: {out}
 """)
-    killed = kill_and_resume("sft", recipe, "checkpoint-10", 2, accel="fsdp")
+    killed = kill_and_resume("sft", recipe, "checkpoint-10", 2, accel=accel)
     assert 12 <= max(r["step"] for r in killed) < 40
 
 

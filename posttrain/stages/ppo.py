@@ -19,6 +19,7 @@ reward model.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer
 from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
 from posttrain.rewards import load_prompts, proxy_norm
-from posttrain.runs import Curve, Run, atomic_dir
+from posttrain.runs import EXTRA_STATE_FILE, Curve, Run, atomic_dir
 from posttrain.templates import stop_ids
 from posttrain.training import Progress
 
@@ -187,6 +188,7 @@ def _checkpoint(run: Run, trainer: PPOTrainer, iteration: int, keep: int, accele
         with atomic_dir(run.checkpoints / f"checkpoint-{iteration}") as tmp:
             torch.save(state, tmp / "ppo.pt")
             (tmp / "iteration").write_text(f"{iteration}\n")
+            (tmp / EXTRA_STATE_FILE).write_text(json.dumps({"processes": accelerator.num_processes}) + "\n")
         done = sorted(run.checkpoints.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
         for old in done[:-keep]:
             shutil.rmtree(old)
