@@ -123,8 +123,9 @@ def check_sharded(result: dict, stage: str) -> tuple[Path, Path]:
     saved model that computes what the one-process model computes (logits within 1e-4), and adapter
     tensors within 1e-4 of the one-process run's (measured: 6e-8). Models are compared by what they
     compute, not weight by weight: some weights have a gradient that is zero in exact arithmetic (an
-    attention key bias; under the pairwise reward loss, the final LayerNorm's bias), which Adam turns
-    from rounding noise into steps of about the learning rate, differently in every run."""
+    attention key bias; under the pairwise reward loss, the final LayerNorm's bias, a shift shared by
+    every score), which Adam turns from rounding noise into steps of about the learning rate,
+    differently in every run."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
