@@ -750,7 +750,7 @@ def _(env):  # GPT-2's tied embeddings, new ChatML rows, LoRA: FSDP2 cannot shar
 
 @case("validate", "zero3_grpo", "ZeRO-3")
 def _(env):
-    recipe = env.recipe(f"stage: grpo\nmodel: {{path: {env.sft_dir}}}\ndata: {{train: {env.world}/ppo_prompts.jsonl}}\n"
+    recipe = env.recipe(f"stage: grpo\nmodel: {{path: {env.sft_dir}}}\ndata: {{train: {env.world}/ppo_prompts.jsonl, max_length: 128}}\n"
                         f"grpo: {{rewards: [{{source: format}}]}}\noutput_dir: {env.out}\n", "grpo.yaml")
     return ["validate", recipe, "--accel", str(ROOT / "recipes" / "accelerate" / "zero3.yaml")]
 
