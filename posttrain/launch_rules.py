@@ -185,6 +185,12 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         raise UserError(f"{where}: our PPO generates rollouts with the whole model on every process, which FSDP and "
                         "DeepSpeed do not keep; launch PPO with recipes/accelerate/ddp.yaml (or single.yaml)")
 
+    # posttrain/sharding.py (check_stage): what sharded weights cannot take, whatever is installed
+    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
+        from posttrain.sharding import check_stage
+
+        check_stage(recipe, "FSDP" if launch.distributed_type == "FSDP" else "ZeRO-3", cuda=cuda)
+
     # accelerate/state.py (PartialState.__init__): ACCELERATE_USE_DEEPSPEED without the package is an
     # ImportError in every process, after the launcher has started them.
     if launch.distributed_type == "DEEPSPEED" and not deepspeed:
@@ -198,10 +204,6 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         notes += _check_fsdp(recipe, launch, where)
     if launch.distributed_type == "DEEPSPEED":
         notes += _check_deepspeed(recipe, launch, where)
-    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
-        from posttrain.sharding import check_stage
-
-        check_stage(recipe, "FSDP" if launch.distributed_type == "FSDP" else "ZeRO-3", cuda=cuda)
 
     if cuda and n > 1:
         import torch
