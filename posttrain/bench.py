@@ -376,7 +376,7 @@ def _ppo_prompts(w: World, steps: int) -> tuple[list[dict], list[list[int]], obj
 
 def _ppo_trl(w: World, steps: int, out: Path) -> dict:
     from posttrain.models import load_tokenizer
-    from posttrain.templates import stop_ids
+    from posttrain.templates import answer_end
 
     rows, ids, recipe = _ppo_prompts(w, steps)
     p = recipe.ppo
@@ -390,7 +390,7 @@ def _ppo_trl(w: World, steps: int, out: Path) -> dict:
                  "--epochs", str(p.ppo_epochs), "--response-length", str(p.max_new_tokens),
                  "--temperature", str(p.temperature), "--kl-coef", str(p.init_kl_coef), "--lr", str(recipe.train.lr),
                  "--missing-eos-penalty", str(p.no_stop_penalty), "--seed", str(recipe.seed),
-                 "--stop-token-id", str(stop_ids(tok)[0]), "--out", str(run)])
+                 "--stop-token-id", str(answer_end(tok)), "--out", str(run)])
     got = json.loads((run / "trl_ppo.json").read_text())
     times = got["seconds_per_iteration"]
     return {"iterations": len(times), "iteration_s": statistics.mean(times[1:] or times), "policy": str(run / "policy")}

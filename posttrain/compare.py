@@ -149,6 +149,7 @@ class Result:
     gold: list[float] | None = None  # gold totals of the greedy answers
     reward: list[float] | None = None  # reward-model scores of the greedy answers
     metrics: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the report must say about these numbers
 
 
 def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=None, scorer=None, ref=None,
@@ -190,11 +191,14 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
         else:  # E_{y ~ model}[log p_model(y|x) - log p_ref(y|x)], from the text of the model's own samples
             diffs = []
             for gens in sampled:
-                args = (prompts, [g.text for g in gens], [g.stopped for g in gens])
+                args = (prompts, [g.text for g in gens], [g.stop_token for g in gens])
                 lp = sequence_logprobs(model, tok, *args, batch_size=suite.batch_size)
                 lq = sequence_logprobs(ref_model, ref_tok, *args, batch_size=suite.batch_size)
                 diffs += [a - b for a, b in zip(lp, lq, strict=True)]
-            m["kl_to_ref"] = kl_estimate(diffs)[0]
+            est = kl_estimate(diffs)
+            m["kl_to_ref"] = est.value
+            if not est.valid:
+                result.notes.append(f"kl_to_ref of {name}: {est.error()}; shown as -")
     result.metrics = {k: v for k, v in m.items() if COMPARE_ROWS[k][0] in suite.metrics}
     return result
 
@@ -342,6 +346,7 @@ def compare(specs: list[str], suite_path: str = "eval/world.yaml", *, reward: st
         print(f"compare: {name} ({models[name]}) answering {len(rows)} prompts ...", flush=True)
         results[name] = measure(name, model, tok, rows, suite, verifier=verifier, scorer=scorer, ref=ref_pair, seed=seed)
     ordered = [results[n] for n in models]
+    notes += [note for r in ordered for note in r.notes]
 
     report = {
         "suite": str(suite_path), "prompts": suite.prompts, "n_prompts": len(rows), "seed": seed,
@@ -395,7 +400,7 @@ def _write_into(tmp: Path, report: dict, rows: list[dict], results: list[Result]
                                  "refusal_rate", "over_refusal_rate", "sycophancy_rate", "distinct_2"],
                          plots / "metrics.png", "main metrics by model", ylim=(0, 1.05))]
     for key in ("reward_score", "kl_to_ref", "mean_words"):
-        if all(key in m for m in table.values()):
+        if all(m.get(key) is not None for m in table.values()):
             made.append(bars({n: m[key] for n, m in table.items()}, plots / f"{key}.png", key))
     ppo_rows = {name: read_metrics(path) for name, path in models.items() if _stage(path) in ONLINE}
     report["ppo"] = {name: ppo_info(name, models[name], rows, plots) for name, rows in ppo_rows.items()}

@@ -17,6 +17,7 @@ class Generation:
     text: str  # the continuation up to (not including) the stop token
     stopped: bool  # the model produced a stop token by itself
     tokens: int  # generated tokens, stop token included
+    stop_token: str | None = None  # the stop token it produced (text, so another tokenizer can look it up)
 
 
 @torch.no_grad()
@@ -68,7 +69,9 @@ def generate(
             stop_at = next((k for k, t in enumerate(seq) if t in stop_ids), None)
             body = seq if stop_at is None else seq[:stop_at]
             text = tokenizer.decode(body, skip_special_tokens=False)
-            out[i] = Generation(text=text, stopped=stop_at is not None, tokens=len(body) + (stop_at is not None))
+            stop = None if stop_at is None else tokenizer.convert_ids_to_tokens(seq[stop_at])
+            out[i] = Generation(text=text, stopped=stop_at is not None, tokens=len(body) + (stop_at is not None),
+                                stop_token=stop)
     model.train(was_training)
     return out  # type: ignore[return-value]
 
@@ -246,26 +249,30 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], stopped: list[bool],
+def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], stops: list[str | None],
                       batch_size: int = 32) -> list[float]:
-    """log p(response | prompt) under `model`, summed over the response's tokens (its stop token
-    included when it stopped). Works from text, so any model can score any other model's answers.
-    Re-tokenised text can be longer than what was generated: an answer is scored up to the end of the
-    model's context, not past it."""
+    """log p(response | prompt) under `model`, summed over the response's tokens and the token it
+    stopped on (`stops`: that token's text, as in Generation.stop_token; None for an answer cut at its
+    length limit). The stop token scored is the one the answer ended with, not the EOS: a chat model
+    that ends turns with <end_of_turn> while its EOS is <eos> gives the EOS almost no probability
+    after an answer, and scoring it would make every KL estimate nonsense. A scorer whose vocabulary
+    lacks that token (another tokenizer) scores its own end of answer (templates.answer_end).
+    Works from text, so any model can score any other model's answers. Re-tokenised text can be longer
+    than what was generated: an answer is scored up to the end of the model's context, not past it."""
     from posttrain.models import context_length
-    from posttrain.templates import prompt_ids, stop_ids
+    from posttrain.templates import answer_end, pad_id, prompt_ids
 
     was_training = model.training
     model.eval()
-    stop = stop_ids(tokenizer)[0]
+    vocab, own_end = tokenizer.get_vocab(), answer_end(tokenizer)
     ctx = context_length(model)
     seqs = []
-    for p, r, s in zip(prompts, responses, stopped, strict=True):
+    for p, r, s in zip(prompts, responses, stops, strict=True):
         head = prompt_ids(tokenizer, p)
-        body = tokenizer.encode(r, add_special_tokens=False) + ([stop] if s else [])
+        end = [] if s is None else [vocab.get(s, own_end)]
+        body = tokenizer.encode(r, add_special_tokens=False) + end
         seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-    out = answer_logprobs(model, seqs, pad, batch_size)
+    out = answer_logprobs(model, seqs, pad_id(tokenizer), batch_size)
     model.train(was_training)
     return out
 
@@ -286,27 +293,65 @@ def answer_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int,
     return out
 
 
-def kl_estimate(log_ratios: list[float]) -> tuple[float, float]:
-    """(KL, its standard error) from log p_policy(y|x) - log p_ref(y|x) of answers sampled from the
-    policy. Their mean is unbiased but noisy and can fall below 0 for two nearly equal models; a KL
-    is never negative, so the estimate shown is clamped at 0, with the standard error beside it."""
+@dataclass
+class KlEstimate:
+    """KL(policy || ref) per answer from log p_policy(y|x) - log p_ref(y|x) of answers sampled from the
+    policy: their mean, unbiased but noisy, and its standard error. A KL is never negative, so a mean
+    slightly below 0 (two nearly equal models) is shown as 0; a mean below 0 by more than NOISE
+    standard errors cannot come from sampling noise. It means the two models were not scored on the
+    same thing (a stop token one of them never ends answers with, text that re-tokenises differently),
+    and it is reported as a measurement error, never as a KL of 0."""
+
+    mean: float
+    stderr: float
+    n: int
+
+    NOISE = 3.0
+
+    @property
+    def valid(self) -> bool:
+        return self.mean >= -self.NOISE * self.stderr - 1e-6
+
+    @property
+    def value(self) -> float | None:
+        return max(0.0, self.mean) if self.valid else None
+
+    def error(self) -> str | None:
+        """None when the estimate is a KL; else one line saying why it is not."""
+        if self.valid:
+            return None
+        return (f"mean log-ratio {self.mean:.3f} ± {self.stderr:.3f} over {self.n} answers is below 0 by more than "
+                f"{self.NOISE:g} standard errors: a measurement error (the models were scored on different tokens), "
+                "not a KL")
+
+
+def kl_estimate(log_ratios: list[float]) -> KlEstimate:
     n = len(log_ratios)
     mean = sum(log_ratios) / n
     var = sum((x - mean) ** 2 for x in log_ratios) / (n - 1) if n > 1 else 0.0
-    return max(0.0, mean), (var / n) ** 0.5
+    return KlEstimate(mean, (var / n) ** 0.5, n)
 
 
 def policy_kl(policy, ref, tokenizer, rows: list[dict], ref_tokenizer=None, *, max_new_tokens: int = 48,
-              batch_size: int = 64, seed: int = 0) -> tuple[float, float]:
-    """(KL(policy || ref) per answer, standard error), estimated from answers sampled from the policy at
-    temperature 1 (kl_estimate). Text-based, so the two may tokenize differently. `ref=None` means a
-    LoRA policy's own base: the policy with its adapter switched off."""
+              batch_size: int = 64, seed: int = 0) -> KlEstimate:
+    """KL(policy || ref) per answer, estimated from answers sampled from the policy at temperature 1
+    (kl_estimate). Text-based, so the two may tokenize differently. `ref=None` means a LoRA policy's
+    own base: the policy with its adapter switched off."""
     gens = answer(policy, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0, seed=seed)
-    prompts, texts, stopped = [r["prompt"] for r in rows], [g.text for g in gens], [g.stopped for g in gens]
-    lp = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
+    prompts, texts, stops = [r["prompt"] for r in rows], [g.text for g in gens], [g.stop_token for g in gens]
+    lp = sequence_logprobs(policy, tokenizer, prompts, texts, stops)
     if ref is None:
         with policy.disable_adapter():
-            lq = sequence_logprobs(policy, tokenizer, prompts, texts, stopped)
+            lq = sequence_logprobs(policy, tokenizer, prompts, texts, stops)
     else:
-        lq = sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, texts, stopped)
+        lq = sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, texts, stops)
     return kl_estimate([a - b for a, b in zip(lp, lq, strict=True)])
+
+
+def kl_summary(est: KlEstimate) -> dict:
+    """The summary.json fields of an in-stage KL: kl_to_ref and its standard error, or, for a measurement
+    error, kl_to_ref null and kl_to_ref_error saying why (also printed)."""
+    if est.valid:
+        return {"kl_to_ref": est.value, "kl_to_ref_stderr": est.stderr}
+    print(f"warning: kl_to_ref: {est.error()}")
+    return {"kl_to_ref": None, "kl_to_ref_stderr": est.stderr, "kl_to_ref_error": est.error()}

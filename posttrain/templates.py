@@ -100,6 +100,16 @@ def stop_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+def answer_end(tokenizer) -> int:
+    """The one token that ends an answer in this tokenizer's format: the template's end-of-turn token
+    when it has one, else the EOS. It is what a model is scored on after an answer that stopped when
+    the token that answer actually stopped on is not in its vocabulary."""
+    token = end_of_turn(tokenizer)
+    if token is not None and token in tokenizer.get_vocab():
+        return tokenizer.convert_tokens_to_ids(token)
+    return tokenizer.eos_token_id
+
+
 def pad_id(tokenizer) -> int:
     """The id to pad with: the pad token, else the EOS. Which one never matters for what is computed:
     every length comes from attention masks or labels, never from finding pad ids."""

@@ -143,10 +143,10 @@ def test_answers_that_retokenise_past_the_context_are_scored_up_to_its_end():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=1))
     tok = SimpleNamespace(chat_template=None, bos_token_id=None, eos_token_id=15, pad_token_id=14,
                           get_vocab=lambda: {}, encode=lambda text, **kw: [int(c) for c in text.split()])
-    full = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8 9 10"], [True])  # 3 + 8 > 8 positions
-    cut = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8"], [False])  # what fits: 3 + 5
+    full = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8 9 10"], ["15"])  # 3 + 8 > 8 positions
+    cut = evaluate.sequence_logprobs(model, tok, ["1 2 3"], ["4 5 6 7 8"], [None])  # what fits: 3 + 5
     assert full == pytest.approx(cut)
     # batched by length, returned in the order asked
-    both = evaluate.sequence_logprobs(model, tok, ["1 2 3", "1"], ["4 5 6 7 8", "2"], [False, True])
-    alone = evaluate.sequence_logprobs(model, tok, ["1"], ["2"], [True])
+    both = evaluate.sequence_logprobs(model, tok, ["1 2 3", "1"], ["4 5 6 7 8", "2"], [None, "15"])
+    alone = evaluate.sequence_logprobs(model, tok, ["1"], ["2"], ["15"])
     assert both == pytest.approx(cut + alone, abs=1e-5)

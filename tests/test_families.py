@@ -85,6 +85,76 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_with_the_turn_named(c
         template_mask(tok, CONVERSATION)
 
 
+# --- KL: the stop token an answer ended with is the one scored ---------------------------------------
+
+
+def _logprob_by_hand(model, tok, prompt: str, text: str, stop_id: int | None) -> float:
+    import torch
+
+    from posttrain.templates import prompt_ids
+
+    head = prompt_ids(tok, prompt)
+    body = tok.encode(text, add_special_tokens=False) + ([stop_id] if stop_id is not None else [])
+    ids = torch.tensor([head + body])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return float(sum(logp[len(head) - 1 + k, t] for k, t in enumerate(body)))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt2"])
+def test_an_answer_is_scored_with_the_stop_token_it_ended_with(checkpoints, family):
+    from posttrain.evaluate import sequence_logprobs
+
+    tok = AutoTokenizer.from_pretrained(checkpoints[family])
+    model = AutoModelForCausalLM.from_pretrained(checkpoints[family]).eval()
+    eot = END_OF_TURN[family]
+    got = sequence_logprobs(model, tok, ["Where does Ada Lang live?"] * 2, ["Ada Lang lives in Paris."] * 2, [eot, None])
+    assert got[0] == pytest.approx(_logprob_by_hand(model, tok, "Where does Ada Lang live?", "Ada Lang lives in Paris.",
+                                                    tok.convert_tokens_to_ids(eot)), abs=1e-4)
+    assert got[1] == pytest.approx(_logprob_by_hand(model, tok, "Where does Ada Lang live?", "Ada Lang lives in Paris.",
+                                                    None), abs=1e-4)
+    # a stop token the scorer's vocabulary lacks: its own end of answer (the end-of-turn token) is scored
+    foreign = sequence_logprobs(model, tok, ["Where does Ada Lang live?"], ["Ada Lang lives in Paris."], ["<|not_mine|>"])
+    assert foreign[0] == pytest.approx(got[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])  # the end-of-turn token is not the EOS
+def test_kl_of_a_chat_model_that_never_says_eos_is_measured_not_clamped(checkpoints, small_world, family):
+    """A chat model ends turns with its end-of-turn token and gives its EOS almost no probability (a real
+    SFT model gave it about -80 nats). Made so here by a hook on the LM head of the policy: EOS pushed down,
+    end-of-turn up. Against the unhooked model, its KL is positive and measured; the old scoring (the EOS
+    after every stopped answer) gives a mean log-ratio far below 0, which is reported as a measurement error."""
+    import copy
+
+    from posttrain.evaluate import answer, kl_estimate, policy_kl, sequence_logprobs
+
+    tok = AutoTokenizer.from_pretrained(checkpoints[family])
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family]).eval()
+    policy = copy.deepcopy(ref)
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN[family])
+    assert eos != eot
+
+    def shift(_module, _args, logits):
+        logits = logits.clone()
+        logits[..., eos] -= 40.0
+        logits[..., eot] += 6.0
+        return logits
+
+    policy.get_output_embeddings().register_forward_hook(shift)
+    rows = [json.loads(line) for line in (small_world / "eval_prompts.jsonl").read_text().splitlines()][:48]
+    est = policy_kl(policy, ref, tok, rows, max_new_tokens=8, batch_size=16)
+    gens = answer(policy, tok, rows, max_new_tokens=8, batch_size=16, temperature=1.0)
+    assert sum(g.stop_token == END_OF_TURN[family] for g in gens) >= len(gens) // 2  # most answers end their turn
+    assert est.valid and est.value > 0.5, est  # log(1 + e^6 p_eot) per stopped answer at least, minus noise
+
+    # what the old scoring did: the EOS after each stopped answer, about -40 nats more under the policy
+    prompts, texts = [r["prompt"] for r in rows], [g.text for g in gens]
+    as_eos = [tok.eos_token if g.stopped else None for g in gens]
+    wrong = kl_estimate([a - b for a, b in zip(sequence_logprobs(policy, tok, prompts, texts, as_eos),
+                                                sequence_logprobs(ref, tok, prompts, texts, as_eos), strict=True)])
+    assert not wrong.valid and wrong.value is None and "measurement error" in wrong.error()
+
+
 # --- every stage, run as a user would -----------------------------------------------------------------
 
 
@@ -146,7 +216,8 @@ def chain(tmp_path, checkpoint, family: str, small_world) -> None:
     cli("compare", "--suite", str(suite), f"base={checkpoint}", f"sft={tmp_path / 'sft'}", f"dpo={tmp_path / 'dpo'}", f"ppo={tmp_path / 'ppo'}",
         "--reward", str(tmp_path / "reward"), "--ref", "sft", "--out", str(out), check=True)
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"base", "sft", "dpo", "ppo"} and all(m["kl_to_ref"] >= 0 for m in metrics.values())
+    assert set(metrics) == {"base", "sft", "dpo", "ppo"} and metrics["sft"]["kl_to_ref"] == 0.0
+    assert all(m["kl_to_ref"] is not None and m["kl_to_ref"] >= 0 for m in metrics.values()), metrics  # not a measurement error
 
     chat = cli("chat", str(tmp_path / "dpo"), "--max-new-tokens", "6", input="Where does Ada Lang live?\n", check=True)
     assert END_OF_TURN[family] not in chat.stdout  # the end-of-turn token ends the answer, it is not shown

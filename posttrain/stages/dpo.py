@@ -21,7 +21,7 @@ from pathlib import Path
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from posttrain.evaluate import answer_logprobs, evaluate_prompts, policy_kl
+from posttrain.evaluate import answer_logprobs, evaluate_prompts, kl_summary, policy_kl
 from posttrain.lm_head import use_full_logits_on_cpu
 from posttrain.metrics import pairwise
 from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
@@ -121,9 +121,9 @@ def main(recipe: DpoRecipe, force: bool = False) -> Path:
         reference = ref  # None with LoRA: the policy with its adapter off
         if (ref is None or sharded) and not recipe.model.lora:  # precomputed log-probs, or a sharded copy: reload
             reference = load_start_model(recipe.model.path, "float32", tokenizer=tok)
-        summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(
+        summary.update(kl_summary(policy_kl(
             policy, reference, tok, rows, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-            seed=recipe.seed)
+            seed=recipe.seed)))
 
     notes = (f"`{recipe.model.path}` aligned with DPO ({recipe.dpo.loss_type}, beta {recipe.dpo.beta}) on "
              f"`{recipe.data.train}`; reference: {summary['reference']}.")

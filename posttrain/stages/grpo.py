@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 from posttrain import data as datalib
 from posttrain import rewards as rewardlib
 from posttrain.errors import UserError
-from posttrain.evaluate import evaluate_prompts, greedy_eval, policy_kl
+from posttrain.evaluate import evaluate_prompts, greedy_eval, kl_summary, policy_kl
 from posttrain.models import check_max_length, expose_head_bias, load_start_model, load_tokenizer, lora_config
 from posttrain.monitor import check_history
 from posttrain.recipe import GrpoRecipe
@@ -215,9 +215,9 @@ def main(recipe: GrpoRecipe, force: bool = False) -> Path:
                 scores = fn.score(result.rows, texts, stopped)
                 summary[f"eval_{fn.__name__}"] = sum(scores) / len(scores)
         ref = None if recipe.model.lora else load_start_model(recipe.model.path, "float32", tokenizer=tok)
-        summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(
+        summary.update(kl_summary(policy_kl(
             model, ref, tok, result.rows, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-            seed=recipe.seed)
+            seed=recipe.seed)))
     notes = (f"`{recipe.model.path}` optimised with {g.algorithm.upper()} for {steps} steps "
              f"({g.num_generations} answers per prompt) against {summary['reward']}.")
     return run.finish(summary, title=f"{g.algorithm.upper()} policy", notes=notes, save=trainer.save_model,

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 
 from posttrain import data as datalib
 from posttrain.errors import UserError
-from posttrain.evaluate import evaluate_prompts, greedy_eval, policy_kl
+from posttrain.evaluate import evaluate_prompts, greedy_eval, kl_summary, policy_kl
 from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config
 from posttrain.monitor import check_history
 from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer
@@ -164,7 +164,7 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
         if scorer is not None:
             raw = scorer.score([r["prompt"] for r in result.rows], [g.text for g in result.gens])
             summary["eval_proxy"] = (sum(raw) / len(raw) - norm[0]) / norm[1]
-        summary["kl_to_ref"], summary["kl_to_ref_stderr"] = policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)
+        summary.update(kl_summary(policy_kl(policy, ref, tok, result.rows, max_new_tokens=p.max_new_tokens, seed=recipe.seed)))
 
     notes = (f"`{recipe.model.path}` optimised with PPO for {p.iterations} iterations against {summary['reward']}. "
              "See plots/ for the proxy and gold reward, KL and the other PPO curves.")
