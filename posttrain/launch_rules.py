@@ -178,12 +178,12 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         notes.append(f"{where}: {launch.num_machines} machines, {n // launch.num_machines} process(es) each; start the "
                      "same command on every machine with its own --machine_rank, output_dir on a file system they share")
 
-    # posttrain/ppo.py (PPOTrainer.__init__): rollouts call generate() on the unwrapped policy, which
-    # needs every weight on every process; FSDP and ZeRO-3 keep only a shard (ZeRO-2's optimizer
-    # wrapping is refused too). PPO raises this itself, but only after loading four models.
-    if stage == "ppo" and launch.distributed_type in SHARDED:
-        raise UserError(f"{where}: our PPO generates rollouts with the whole model on every process, which FSDP and "
-                        "DeepSpeed do not keep; launch PPO with recipes/accelerate/ddp.yaml (or single.yaml)")
+    # posttrain/ppo.py (PPOTrainer.__init__): our PPO loop steps its optimizer itself and shards through
+    # FSDP2 (fsdp.yaml); it has no DeepSpeed engine path. PPO raises this itself, but only after loading
+    # four models.
+    if stage == "ppo" and launch.distributed_type == "DEEPSPEED":
+        raise UserError(f"{where}: our PPO loop shards with FSDP2, not DeepSpeed; launch PPO with "
+                        "recipes/accelerate/fsdp.yaml (sharded) or ddp.yaml")
 
     # posttrain/sharding.py (check_stage): what sharded weights cannot take, whatever is installed
     if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from posttrain.errors import UserError
 from posttrain.recipe import PpoKnobs, TrainSection
 from posttrain.sampling import position_ids_from
+from posttrain.sharding import whole_weights
 
 Reduce = Callable[[Tensor], Tensor]  # sums a tensor over processes (identity on one process)
 
@@ -373,9 +374,10 @@ class PPOTrainer:
                  accelerator: Accelerator | None = None, ref_policy=None, stop_ids: list[int] | None = None):
         self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
         self.accelerator = accelerator = accelerator or Accelerator()
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise UserError("ppo: FSDP and DeepSpeed are not supported (rollouts need unsharded weights); "
-                            "launch with the ddp or single accelerate config")
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise UserError("ppo: DeepSpeed is not supported by our PPO loop; shard it with recipes/accelerate/fsdp.yaml "
+                            "(FSDP2), or launch with ddp.yaml")
+        self.sharded = accelerator.distributed_type == DistributedType.FSDP
         if ref_policy is None and not hasattr(policy, "disable_adapter"):
             raise UserError("ppo: no reference policy: pass a frozen copy as ref_policy, or train a LoRA "
                             "(peft) policy so that the reference is the policy with its adapters disabled")
@@ -395,7 +397,21 @@ class PPOTrainer:
         params = [p for p in self.wrapper.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, config.adam_beta2), eps=1e-5, weight_decay=0.0,
                                       fused=True)  # one kernel for all parameters (see training.trainer_kwargs)
+        self.skeleton = None
+        if self.sharded:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            from posttrain.sharding import skeleton
+
+            # FSDP2 shards in place: keep the policy's structure to put the gathered weights in at the end
+            self.skeleton = skeleton(self.policy) if accelerator.is_main_process else None
+            if self.ref_policy is not None:  # frozen, sharded too: gathered block by block for its one forward per minibatch
+                self.ref_policy = fsdp2_prepare_model(accelerator, self.ref_policy)
+                # FSDP2 keeps a root's own weights (embeddings, final norm) whole after its forward, for the
+                # backward that follows; a frozen model has none, so they are freed too
+                self.ref_policy.set_reshard_after_forward(True)
         self.model, self.optimizer = accelerator.prepare(self.wrapper, optimizer)
+        self.state_bytes: dict[str, int] | None = None  # what this process holds, measured after the first step
 
         if config.target_kl is None:
             self.kl_ctl = FixedKLController(config.init_kl_coef)
@@ -432,10 +448,11 @@ class PPOTrainer:
 
         start = time.perf_counter()
         prompts, prompt_mask = (t.to(device) for t in left_pad(prompt_ids, self.pad_id))
-        sequences = self.policy.generate(  # the unwrapped policy: no DDP hooks, KV cache on
-            input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
-            temperature=c.temperature, top_p=c.top_p, top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-        )
+        with whole_weights(self.wrapper):  # sharded: gathered once for the whole rollout, not per token
+            sequences = self.policy.generate(  # the unwrapped policy: no DDP hooks, KV cache on
+                input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
+                temperature=c.temperature, top_p=c.top_p, top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            )
         response = sequences[:, prompts.shape[1]:]
         is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=device))
         after_stop = (is_stop.long().cumsum(1) - is_stop.long()) > 0  # strictly after the first stop token
@@ -507,6 +524,8 @@ class PPOTrainer:
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm or math.inf)
                 self._check_finite("gradients", grad_norm)
                 self.optimizer.step()
+                if self.state_bytes is None:
+                    self.state_bytes = self._held_bytes()
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, v in stats.items():
                     sums[k] += v.item() * share
@@ -514,6 +533,35 @@ class PPOTrainer:
                 steps += 1
         return {k: self._sum(torch.tensor(v / steps, device=self.accelerator.device)).item() / n
                 for k, v in sums.items()}
+
+    def _held_bytes(self) -> dict[str, int]:
+        """Bytes this process holds for training: its parameters, gradients and optimizer state (its
+        shards under FSDP), and the frozen reference beside them (the reward model is the caller's)."""
+        from posttrain.sharding import state_bytes
+
+        held = state_bytes(self.wrapper, self.optimizer)
+        if self.ref_policy is not None:
+            held["reference"] = state_bytes(self.ref_policy, None)["params"]
+        return held
+
+    def whole_policy(self):
+        """The trained policy with all its weights, on the main process (None on the others); every
+        process must call it. Unsharded, that is the policy itself. Under FSDP2 every process joins in
+        gathering the full state, and the main process puts the policy's part into the structure kept
+        before sharding (a full model or a peft model alike)."""
+        if not self.sharded:
+            return self.policy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from posttrain.sharding import fill
+
+        state = get_model_state_dict(self.wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        prefix = "policy."
+        policy = fill(self.skeleton, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.skeleton = None
+        return policy.to(self.accelerator.device).eval()
 
     def _token_share(self, mask: Tensor) -> float:
         """This process's share of the minibatch tokens of all processes, times their number: weighting each
@@ -575,11 +623,24 @@ class PPOTrainer:
         """Everything needed to resume bit-identically: trainable parameters (policy adapters or weights,
         critic or value head), optimizer, KL coefficient, iteration and every process's RNG state. Call it
         on every process (it gathers the RNG states); save it from the main process with `torch.save`."""
-        params = {k: v.detach().cpu().clone() for k, v in self.wrapper.named_parameters() if v.requires_grad}
+        trainable = {k for k, v in self.wrapper.named_parameters() if v.requires_grad}
+        if self.sharded:  # whole tensors, gathered from every process's shards (torch.distributed.checkpoint)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            params = {k: v for k, v in get_model_state_dict(self.wrapper, options=full).items() if k in trainable}
+            optimizer = get_optimizer_state_dict(self.wrapper, self.optimizer.optimizer, options=full)
+        else:
+            params = {k: v.detach().cpu().clone() for k, v in self.wrapper.named_parameters() if k in trainable}
+            optimizer = copy.deepcopy(self.optimizer.state_dict())
         return {
             "iteration": self.iteration,
             "params": params,
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "optimizer": optimizer,
             "kl_coef": self.kl_ctl.value,
             "rng": gather_object([self._rng]),
         }
@@ -589,8 +650,19 @@ class PPOTrainer:
         missing = {k for k, v in self.wrapper.named_parameters() if v.requires_grad} - set(state["params"])
         if missing:
             raise ValueError(f"checkpoint lacks trainable parameters, e.g. {sorted(missing)[:3]}")
-        self.wrapper.load_state_dict(state["params"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # each process keeps its shard of the whole tensors
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.wrapper, state["params"], options=full)
+            set_optimizer_state_dict(self.wrapper, self.optimizer.optimizer, state["optimizer"], options=full)
+        else:
+            self.wrapper.load_state_dict(state["params"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.value = state["kl_coef"]
         self.iteration = state["iteration"]
         rngs = state["rng"]

@@ -22,6 +22,7 @@ group DeepSpeed made there, which accelerate does for GPU groups only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections import Counter
@@ -93,8 +94,64 @@ def fsdp_on_cpu() -> None:
     state.AcceleratorState.__init__ = __init__
 
 
-# Stages whose end gathers through unshard(); the others generate while they train.
-FSDP_STAGES = ("pretrain", "sft", "classify", "reward", "dpo")
+# Stages whose end gathers through unshard() (PPO gathers its own, PPOTrainer.whole_policy). PPO and
+# GRPO generate while they train, with the policy's weights gathered once per rollout (whole_weights).
+FSDP_STAGES = ("pretrain", "sft", "classify", "reward", "dpo", "ppo", "grpo")
+
+
+@contextlib.contextmanager
+def whole_weights(root: nn.Module, accelerator=None):
+    """Inside it, every weight of `root` (the module FSDP2 or DeepSpeed ZeRO-3 sharded, or its engine)
+    is whole on every process, gathered once on entry and freed on exit, so that a generation of many
+    tokens runs on local weights with no collective per token. Without it, FSDP2 gathers each block
+    again for every decoded token (and every process must run the same number of forwards, or the
+    one that stopped early leaves the others waiting in an all-gather). Every process must enter it
+    together. A no-op for a model that is not sharded.
+
+    FSDP2: `unshard()` on every FSDP module (the root's lazy init first, which a forward through an
+    inner module would otherwise claim for itself), with resharding after forward switched off for the
+    duration, then `reshard()`. ZeRO-3: deepspeed.zero.GatheredParameters, with DeepSpeed's own gather
+    hooks lifted meanwhile, as TRL's unwrap_model_for_generation does."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if fsdp:
+        if fsdp[0] is not root:
+            raise ValueError("whole_weights needs the root FSDP module, the one fully_shard was applied to last")
+        root._get_fsdp_state()._lazy_init()
+        groups = [g for m in fsdp for g in m._get_fsdp_state()._fsdp_param_groups]
+        kept = [g.post_forward_mesh_info for g in groups]
+        for m in fsdp:
+            m.unshard()
+        for g in groups:
+            g.post_forward_mesh_info = None  # forward leaves them whole
+        try:
+            yield
+        finally:
+            for g, info in zip(groups, kept, strict=True):
+                g.post_forward_mesh_info = info
+            for m in fsdp:
+                m.reshard()
+        return
+    if accelerator is not None and is_zero3(accelerator):
+        from trl.models.utils import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(root, accelerator, gather_deepspeed3_params=True):
+            yield
+        return
+    yield
+
+
+def trainer_weights(trainer):
+    """whole_weights for a Trainer's model: its DeepSpeed engine under DeepSpeed, else the model
+    (FSDP2 shards it in place)."""
+    root = trainer.model_wrapped if getattr(trainer, "is_deepspeed_enabled", False) else trainer.model
+    return whole_weights(root, trainer.accelerator)
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def check_stage(recipe, kind: str = "FSDP", cuda: bool | None = None) -> None:

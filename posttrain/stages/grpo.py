@@ -35,6 +35,7 @@ from posttrain.monitor import check_history
 from posttrain.recipe import GrpoRecipe
 from posttrain.runs import Curve, Run
 from posttrain.sampling import answer_seed, position_ids_from, sample
+from posttrain.sharding import trainer_weights, unshard
 from posttrain.templates import pad_id, stop_ids
 from posttrain.training import build_trainer, fit, trainer_kwargs
 
@@ -58,9 +59,10 @@ def seeded_sampling(trainer_cls: type) -> type:
             first = self.accelerator.process_index * len(prompt_ids)  # this process's place in the global batch
             seeds = [answer_seed(self.args.seed, self.state.global_step, first + i) for i in range(len(prompt_ids))]
             model = self.accelerator.unwrap_model(self.model)
-            ids = sample(model, prompt_ids, seeds, stop_ids=self.eos_token_ids, pad_id=pad_id(self._tokenizer),
-                         max_new_tokens=self.max_completion_length, temperature=self.temperature, top_p=self.top_p,
-                         top_k=self.top_k or 0)
+            with trainer_weights(self):  # sharded: gathered once for the whole batch of answers, not per token
+                ids = sample(model, prompt_ids, seeds, stop_ids=self.eos_token_ids, pad_id=pad_id(self._tokenizer),
+                             max_new_tokens=self.max_completion_length, temperature=self.temperature, top_p=self.top_p,
+                             top_k=self.top_k or 0)
             return ids if trainer_cls.__name__ == "RLOOTrainer" else (ids, None)
 
     Seeded.__name__ = Seeded.__qualname__ = trainer_cls.__name__
@@ -84,6 +86,7 @@ class RewardAliases(TrainerCallback):
 
     def __init__(self, run: Run, gold: str | None, proxy: str | None, every: int, evaluate):
         self.run, self.gold, self.proxy, self.every, self.evaluate = run, gold, proxy, every, evaluate
+        self.trainer = None  # set once built: a sharded model is gathered by every process for the evaluation
 
     def on_log(self, args, state, control, logs=None, **kw):
         for alias, name in (("gold", self.gold), ("proxy", self.proxy)):
@@ -91,8 +94,10 @@ class RewardAliases(TrainerCallback):
                 logs[alias] = logs[f"rewards/{name}/mean"]
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if self.evaluate is not None and state.global_step % self.every == 0 and self.run.is_main:
-            self.run.log(state.global_step, self.evaluate(model))
+        if self.evaluate is not None and state.global_step % self.every == 0:
+            with trainer_weights(self.trainer):
+                if self.run.is_main:
+                    self.run.log(state.global_step, self.evaluate(self.trainer.accelerator.unwrap_model(self.trainer.model)))
 
 
 def main(recipe: GrpoRecipe, force: bool = False) -> Path:
@@ -171,9 +176,11 @@ def main(recipe: GrpoRecipe, force: bool = False) -> Path:
         train_dataset=_dataset(rows, tok), processing_class=tok, callbacks=[aliases],
         peft_config=lora_config(recipe.model.lora, "CAUSAL_LM") if recipe.model.lora else None)
     trainer.eos_token_ids = stops
+    aliases.trainer = trainer
     if recipe.model.lora:
         expose_head_bias(trainer.model)
     fit(trainer, run)
+    unshard(trainer, run)  # sharded: the main process gets the whole trained policy as trainer.model
     if not run.is_main:
         return run.dir
 

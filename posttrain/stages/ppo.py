@@ -37,6 +37,7 @@ from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
 from posttrain.rewards import load_prompts, proxy_norm
 from posttrain.runs import EXTRA_STATE_FILE, Curve, Run, atomic_dir
+from posttrain.sharding import whole_weights
 from posttrain.templates import stop_ids
 from posttrain.training import Progress
 
@@ -80,6 +81,7 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     if recipe.model.lora:
         from peft import get_peft_model
 
+        torch.manual_seed(recipe.seed)  # the adapter's random init: the same run gives the same model
         policy = get_peft_model(policy, lora_config(recipe.model.lora, "CAUSAL_LM"))
     else:
         ref = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
@@ -128,8 +130,10 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
         except NonFiniteError as e:
             last = run.last_checkpoint()
             raise UserError(f"{e}; the last good checkpoint is {last or 'none (no checkpoint yet)'}") from None
-        if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None and run.is_main:
-            stats.update(greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, p.max_new_tokens, scorer, norm))
+        if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None:
+            with whole_weights(trainer.wrapper):  # sharded: every process gathers, the main one evaluates
+                if run.is_main:
+                    stats.update(greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, p.max_new_tokens, scorer, norm))
         history.append(stats)
         run.log(it + 1, stats)
         progress.note({"reward": stats.get("proxy", stats["score"]), "gold": stats.get("gold", float("nan")), "kl": stats["kl"]})
@@ -137,8 +141,12 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
         if (it + 1) % recipe.train.save_every == 0 or it + 1 == p.iterations:
             _checkpoint(run, trainer, it + 1, recipe.train.keep_checkpoints, accelerator)
     progress.stop()
+    held = _held_bytes(trainer, scorer, accelerator)
+    policy = trainer.whole_policy()  # every process joins where the policy is sharded
     if not run.is_main:
         return run.dir
+    if held is not None:
+        run.facts["training_state_bytes"] = held
 
     summary: dict = {"iterations": p.iterations, "prompts": len(rows), "lora": recipe.model.lora is not None,
                      "reward": _reward_name(recipe), "proxy_norm_mean": norm[0], "proxy_norm_std": norm[1]}
@@ -157,7 +165,8 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
         summary["reward_hacking_reason"] = check.reason
         if check.flagged:
             print(f"REWARD HACKING at iteration {check.iteration + 1}: {check.reason}")
-    policy = trainer.policy
+    if trainer.sharded and ref is not None:  # the frozen copy is sharded: the main process reloads it whole
+        ref = load_start_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code, tokenizer=tok)
     if eval_rows:
         result = evaluate_prompts(policy, tok, recipe.eval, run.dir)
         summary.update(result.metrics)
@@ -169,6 +178,23 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     notes = (f"`{recipe.model.path}` optimised with PPO for {p.iterations} iterations against {summary['reward']}. "
              "See plots/ for the proxy and gold reward, KL and the other PPO curves.")
     return run.finish(summary, title="PPO policy", notes=notes, save=policy.save_pretrained, tokenizer=tok, curves=CURVES)
+
+
+def _held_bytes(trainer: PPOTrainer, scorer: RewardScorer | None, accelerator: Accelerator) -> dict | None:
+    """Bytes each process held for training (PPOTrainer state_bytes: parameters, gradients, optimizer
+    state, the frozen reference; plus the reward model, whole on every process), of the process that
+    held the most, with their total and the process count; None before any optimizer step. Every
+    process must call it; the main one gets the answer."""
+    from accelerate.utils import gather_object
+
+    held = dict(trainer.state_bytes or {})
+    if held and scorer is not None:
+        held["reward_model"] = sum(t.numel() * t.element_size() for t in scorer.model.parameters())
+    rows = gather_object([held]) if accelerator.num_processes > 1 else [held]
+    if not rows[0]:
+        return None
+    top = max(rows, key=lambda r: sum(r.values()))
+    return {**top, "total": sum(top.values()), "processes": len(rows)}
 
 
 def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
