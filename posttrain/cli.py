@@ -78,8 +78,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> int:
         if sharding.deepspeed_launch():
             import torch
 
-            if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":  # what accelerate's launcher passes on
-                sharding.check_stage(recipe, "ZeRO-3")
+            zero = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # what accelerate's launcher passes on
+            sharding.check_stage(recipe, f"ZeRO-{zero}")
             if not torch.cuda.is_available():
                 sharding.deepspeed_on_cpu()
         out = importlib.import_module(STAGES[name].module).main(recipe, force=args.force)

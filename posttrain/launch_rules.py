@@ -159,7 +159,7 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
     if deepspeed is None:
         # the same test as accelerate.utils.is_deepspeed_available, without importing deepspeed
         deepspeed = importlib.util.find_spec("deepspeed") is not None
-    stage, where = recipe.stage, f"{recipe.stage} with {launch.name}"
+    where = f"{recipe.stage} with {launch.name}"
     notes: list[str] = []
 
     # accelerate/commands/launch.py (launch_command): NO and MULTI_CPU go to simple_launcher, which
@@ -178,18 +178,12 @@ def check_launch(recipe: Recipe, accel_config_path: str | Path | None = None, *,
         notes.append(f"{where}: {launch.num_machines} machines, {n // launch.num_machines} process(es) each; start the "
                      "same command on every machine with its own --machine_rank, output_dir on a file system they share")
 
-    # posttrain/ppo.py (PPOTrainer.__init__): our PPO loop steps its optimizer itself and shards through
-    # FSDP2 (fsdp.yaml); it has no DeepSpeed engine path. PPO raises this itself, but only after loading
-    # four models.
-    if stage == "ppo" and launch.distributed_type == "DEEPSPEED":
-        raise UserError(f"{where}: our PPO loop shards with FSDP2, not DeepSpeed; launch PPO with "
-                        "recipes/accelerate/fsdp.yaml (sharded) or ddp.yaml")
-
     # posttrain/sharding.py (check_stage): what sharded weights cannot take, whatever is installed
-    if launch.distributed_type == "FSDP" or (launch.distributed_type == "DEEPSPEED" and _zero_stage(launch) == 3):
+    if launch.distributed_type in SHARDED:
         from posttrain.sharding import check_stage
 
-        check_stage(recipe, "FSDP" if launch.distributed_type == "FSDP" else "ZeRO-3", cuda=cuda)
+        kind = "FSDP" if launch.distributed_type == "FSDP" else f"ZeRO-{_zero_stage(launch)}"
+        check_stage(recipe, kind, cuda=cuda)
 
     # accelerate/state.py (PartialState.__init__): ACCELERATE_USE_DEEPSPEED without the package is an
     # ImportError in every process, after the launcher has started them.

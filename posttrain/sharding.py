@@ -155,15 +155,17 @@ def is_zero3(accelerator) -> bool:
 
 
 def check_stage(recipe, kind: str = "FSDP", cuda: bool | None = None) -> None:
-    """Refuse, in one line, what sharded weights (`kind`: FSDP or ZeRO-3) cannot take in posttrain
+    """Refuse, in one line, what sharded weights (`kind`: FSDP, ZeRO-2 or ZeRO-3) cannot take in posttrain
     (yet), before any model loads. `cuda`: whether the machine has a CUDA GPU (default: this one)."""
     from posttrain.errors import UserError
 
     where = f"{recipe.stage} under {kind}"
+    if recipe.stage == "ppo" and kind != "FSDP":
+        raise UserError(f"{where}: our PPO loop checks every gradient for NaN before its optimizer step, which "
+                        "DeepSpeed's engine takes inside backward; shard PPO with recipes/accelerate/fsdp.yaml (FSDP2), "
+                        "or launch it with ddp.yaml")
     if recipe.stage not in FSDP_STAGES:
-        other = "ddp.yaml" if kind == "FSDP" else "zero2.yaml or ddp.yaml"
-        raise UserError(f"{where}: {recipe.stage} generates answers while it trains, with the whole policy on every "
-                        f"process, which {kind} shards; launch it with recipes/accelerate/{other}")
+        raise UserError(f"{where}: {recipe.stage} cannot be sharded; launch it with recipes/accelerate/ddp.yaml")
     model = getattr(recipe, "model", None)
     rows = None  # (new token rows?, tied embeddings?) of LoRA SFT with a template file; None: unknown
     lora_template = recipe.stage == "sft" and model is not None and model.lora is not None and model.chat_template
@@ -267,6 +269,14 @@ def unsharded_class(module: nn.Module) -> type:
     return next(b for b in cls.__bases__ if b is not FSDPModule) if issubclass(cls, FSDPModule) else cls
 
 
+def fsdp_modules(model: nn.Module) -> dict[str, int]:
+    """How finely FSDP2 cut `model` (each decoder block, embeddings and head, the root), by class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cut = Counter(unsharded_class(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
+    return dict(sorted(cut.items()))
+
+
 def unshard(trainer, run) -> bool:
     """End of training, on every process: record the training state each process held, and under
     FSDP or DeepSpeed give rank 0 the whole trained model as `trainer.model`, so that the stage finishes there as
@@ -284,11 +294,7 @@ def unshard(trainer, run) -> bool:
     if not is_sharded(trainer):
         return False
     if trainer.is_fsdp_enabled:
-        from torch.distributed.fsdp import FSDPModule
-
-        # how finely the model was cut (each decoder block, embeddings and head, the root), by class
-        cut = Counter(unsharded_class(m).__name__ for m in trainer.model.modules() if isinstance(m, FSDPModule))
-        run.facts["fsdp_modules"] = dict(sorted(cut.items()))
+        run.facts["fsdp_modules"] = fsdp_modules(trainer.model)
         state = trainer.accelerator.get_state_dict(trainer.model)  # every process joins; rank 0 gets it all, on the CPU
     else:  # DeepSpeed: ZeRO-3 gathers (every process joins; zero3_save_16bit_model), ZeRO-2 has it all already
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -748,11 +748,32 @@ def _(env):  # GPT-2's tied embeddings, new ChatML rows, LoRA: FSDP2 cannot shar
     return ["validate", env.recipe(lora, "lora.yaml"), "--accel", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")]
 
 
-@case("validate", "zero3_grpo", "ZeRO-3")
-def _(env):
-    recipe = env.recipe(f"stage: grpo\nmodel: {{path: {env.sft_dir}}}\ndata: {{train: {env.world}/ppo_prompts.jsonl, max_length: 128}}\n"
-                        f"grpo: {{rewards: [{{source: format}}]}}\noutput_dir: {env.out}\n", "grpo.yaml")
-    return ["validate", recipe, "--accel", str(ROOT / "recipes" / "accelerate" / "zero3.yaml")]
+@case("validate", "zero3_ppo", "ZeRO-3")
+def _(env):  # our PPO loop checks gradients before a step DeepSpeed takes inside backward: FSDP2 only
+    return ["validate", _ppo(env), "--accel", str(ROOT / "recipes" / "accelerate" / "zero3.yaml")]
+
+
+def _ppo(env, name: str = "ppo.yaml") -> str:
+    return env.recipe(f"stage: ppo\nmodel: {{path: {env.sft_dir}}}\ndata: {{train: {env.world}/ppo_prompts.jsonl, max_length: 128}}\n"
+                      f"ppo: {{verifier: {env.world}, gold_weight: 1.0, rm_weight: 0, value_model: head}}\n"
+                      f"output_dir: {env.out}\n", name)
+
+
+@case("validate", "fsdp_ppo_layer_class", "LlamaDecoderLayer")
+def _(env):  # a block class the policy lacks: accelerate would fail in every process after the models loaded
+    raw = (ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text().replace("GPT2Block", "LlamaDecoderLayer")
+    return ["validate", _ppo(env), "--accel", str(env.file("llama_fsdp.yaml", raw))]
+
+
+@case("checkpoint", "ppo_resume_other_process_count", "written by 2 process(es) and this run has 1")
+def _(env):  # a sharded PPO run's checkpoint (whole tensors, but per-process RNG streams) resumed by 1 process
+    from posttrain.recipe_file import load_recipe
+    from posttrain.runs import EXTRA_STATE_FILE, recipe_yaml
+
+    recipe = _ppo(env)
+    env.file("out/recipe.yaml", recipe_yaml(load_recipe(recipe)))
+    env.file(f"out/checkpoints/checkpoint-1/{EXTRA_STATE_FILE}", json.dumps({"processes": 2}))
+    return ["ppo", recipe]
 
 
 @case("checkpoint", "resume_other_process_count", "written by 2 process(es) and this run has 1")

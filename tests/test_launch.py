@@ -113,22 +113,20 @@ def test_without_cuda_half_precision_is_refused_and_deepspeed_runs_on_its_cpu_ac
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("cuda", [False, True])
-def test_fsdp_takes_the_trainer_stages_and_refuses_the_rest(stage, cuda):
-    """FSDP runs on a CPU too (posttrain/sharding.py); ZeRO-3 stays refused (stages end on rank 0)."""
+def test_fsdp_and_zero3_take_every_training_stage_but_ppo_on_deepspeed(stage, cuda):
+    """FSDP runs on a CPU too (posttrain/sharding.py), for every stage, PPO and GRPO included (they
+    gather the policy once per rollout); ZeRO-3 takes the same stages but PPO, whose loop checks the
+    gradients before a step that DeepSpeed's engine takes inside backward."""
     fsdp = ACCEL / "fsdp.yaml"
-    if stage in ("ppo", "grpo"):
-        message = refused(None, recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
-        assert "whole model on every process" in message or "with the whole policy on every process" in message
-    else:
-        notes = check_launch(recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
-        assert all("\n" not in n for n in notes)
-        if stage in ("dpo", "reward"):  # LoRA too (sft: below)
-            check_launch(recipe(stage, "model.lora={r: 8}"), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
-    # ZeRO-3 shards the weights as FSDP does, and takes the same stages (rank 0 gathers them to finish)
+    notes = check_launch(recipe(stage), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
+    assert all("\n" not in n for n in notes)
+    if stage in ("dpo", "reward", "ppo", "grpo"):  # LoRA too (sft: below)
+        check_launch(recipe(stage, "model.lora={r: 8}"), fsdp, num_processes=2, cuda=cuda, deepspeed=True)
     zero3 = ACCEL / "zero3.yaml"
-    if stage in ("ppo", "grpo"):
-        message = refused(None, recipe(stage), zero3, num_processes=8, cuda=cuda, deepspeed=True)
-        assert "rollouts with the whole model" in message if stage == "ppo" else "which ZeRO-3 shards" in message
+    if stage == "ppo":
+        for config in ("zero2.yaml", "zero3.yaml"):
+            message = refused(None, recipe(stage), ACCEL / config, num_processes=8, cuda=cuda, deepspeed=True)
+            assert "our PPO loop checks every gradient" in message and "fsdp.yaml" in message
     else:
         check_launch(recipe(stage), zero3, num_processes=2, cuda=cuda, deepspeed=True)
 
@@ -172,7 +170,7 @@ def test_zero2_needs_deepspeed_and_follows_the_recipe(tmp_path):
     refused("gradient_accumulation_steps: 4 differs from the recipe's train.grad_accum", recipe("dpo"), mismatch,
             num_processes=8, cuda=True, deepspeed=True)
     check_launch(recipe("dpo", "train.grad_accum=4"), mismatch, num_processes=8, cuda=True, deepspeed=True)
-    refused("rollouts with the whole model", recipe("ppo"), ACCEL / "zero2.yaml", num_processes=8, cuda=True,
+    refused("our PPO loop checks every gradient", recipe("ppo"), ACCEL / "zero2.yaml", num_processes=8, cuda=True,
             deepspeed=True)
 
 

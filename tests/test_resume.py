@@ -167,8 +167,24 @@ output_dir: {out}
     assert 12 <= max(r["step"] for r in killed) < 40
 
 
-@pytest.mark.parametrize("processes", PROCESSES)
-def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_sft, tiny_reward, processes):
+def sharded(*accels: str) -> list:
+    """2 processes under each of recipes/accelerate/ACCEL.yaml, as slow test parameters."""
+    out = []
+    for a in accels:
+        p = launcher(a)
+        marks = [pytest.mark.slow, *getattr(p, "marks", ())]
+        out.append(pytest.param(2, a, marks=marks, id=f"2proc-{a}"))
+    return out
+
+
+LAUNCHES = [pytest.param(n, "ddp", marks=pytest.mark.slow, id=f"{n}proc") for n in (1, 2)]
+
+
+@pytest.mark.parametrize(("processes", "accel"), LAUNCHES + sharded("fsdp"))
+def test_ppo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_sft, tiny_reward, processes,
+                                                               accel):
+    """Under FSDP2 the checkpoint holds whole tensors gathered from the shards (policy, value head,
+    optimizer state), which each process shards again on resume."""
     out = tmp_path / "ppo"
     recipe = write(tmp_path / "ppo.yaml", f"""\
 stage: ppo
@@ -180,12 +196,12 @@ eval: {{prompts: {small_world}/eval_prompts.jsonl, verifier: {small_world}, limi
 train: {{lr: 1.0e-4, save_every: 2, keep_checkpoints: 2}}
 output_dir: {out}
 """)
-    killed = kill_and_resume("ppo", recipe, "checkpoint-2", processes)
+    killed = kill_and_resume("ppo", recipe, "checkpoint-2", processes, accel)
     assert 4 <= max(r["step"] for r in killed) < 8
 
 
-@pytest.mark.parametrize("processes", PROCESSES)
-def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_sft, processes):
+@pytest.mark.parametrize(("processes", "accel"), LAUNCHES + sharded("fsdp", "zero3"))
+def test_grpo_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path, small_world, tiny_sft, processes, accel):
     """Answers are sampled with a random stream each (posttrain/sampling.py): the resumed run draws
     the answers the uninterrupted one drew, so it ends with the same weights, bit for bit."""
     out = tmp_path / "grpo"
@@ -200,7 +216,7 @@ train: {{max_steps: 8, batch_size: {8 // processes}, lr: 1.0e-3, save_every: 2, 
 logging: {{every: 1}}
 output_dir: {out}
 """)
-    killed = kill_and_resume("grpo", recipe, "checkpoint-2", processes)
+    killed = kill_and_resume("grpo", recipe, "checkpoint-2", processes, accel)
     assert 3 <= max(r["step"] for r in killed) < 8
     assert max(r["kl"] for r in rows(out) if "kl" in r) > 0  # the policy moved: the weights compared are not the start
 

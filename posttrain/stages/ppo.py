@@ -37,7 +37,7 @@ from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
 from posttrain.rewards import load_prompts, proxy_norm
 from posttrain.runs import EXTRA_STATE_FILE, Curve, Run, atomic_dir
-from posttrain.sharding import whole_weights
+from posttrain.sharding import fsdp_modules, whole_weights
 from posttrain.templates import stop_ids
 from posttrain.training import Progress
 
@@ -147,6 +147,8 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
         return run.dir
     if held is not None:
         run.facts["training_state_bytes"] = held
+    if trainer.sharded:
+        run.facts["fsdp_modules"] = fsdp_modules(trainer.wrapper)  # the policy's and the critic's blocks
 
     summary: dict = {"iterations": p.iterations, "prompts": len(rows), "lora": recipe.model.lora is not None,
                      "reward": _reward_name(recipe), "proxy_norm_mean": norm[0], "proxy_norm_std": norm[1]}
