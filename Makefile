@@ -27,6 +27,7 @@ help:
 	@echo "make rl         PPO, GRPO and RLOO on the gold verifier beside SFT and DPO (runs/world/rl)"
 	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO, GSM8K GRPO on ../shared/data (recipes/examples/)"
 	@echo "make bench      speed vs a bare PyTorch loop, TRL and TRL 1.12's PPO, side by side (runs/bench/bench.md)"
+	@echo "make bench-sharded   FSDP2 rollouts: weights gathered once vs per token (runs/bench/sharded_rollout.jsonl)"
 	@echo "make clean      delete runs/ (keeps .venv)"
 
 setup: $(VENV)/.installed
@@ -143,9 +144,20 @@ clean:
 
 # Speed, measured side by side against a bare PyTorch loop, TRL used directly and TRL 1.12's PPOTrainer
 # (in its own venv under runs/bench): runs/bench/bench.md and bench.json (~20 minutes after the pipeline).
-.PHONY: bench
+.PHONY: bench bench-sharded
 bench: pipeline
 	$(BIN)/python -m posttrain.bench
+	$(MAKE) bench-sharded
+
+# PPO/GRPO rollouts under FSDP2 on 2 processes (gloo on a CPU): the policy gathered once per rollout
+# against all-gathered again for every token, on a world-shaped GPT-2 and a GPT-2-small-shaped one
+# built from configs: runs/bench/sharded_rollout.jsonl (~3 minutes on 2 cores).
+SHARDED_ROLLOUT = OMP_NUM_THREADS=1 $(BIN)/accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 \
+	scripts/bench_sharded_rollout.py --out runs/bench/sharded_rollout.jsonl
+bench-sharded: setup
+	rm -f runs/bench/sharded_rollout.jsonl
+	$(SHARDED_ROLLOUT) --layers 4 --width 192
+	$(SHARDED_ROLLOUT) --layers 12 --width 768 --batch 4 --new-tokens 16
 
 # --- examples on real data (../shared/data, see recipes/examples/) ---------------------------------
 # SMS spam classification, Alpaca-style SFT, then a reward model and DPO on preference pairs from

@@ -63,6 +63,10 @@ def generate(
             top_k=0 if sampled else None,
             eos_token_id=stop_ids,
             pad_token_id=pad,
+            # Never wait on other processes per token: a sharded model is generated from with its weights
+            # gathered (sharding.whole_weights), often by the main process alone; transformers would
+            # otherwise sync every process at each token for a FSDP-managed or ZeRO-3 model
+            synced_gpus=False,
         )[:, width:].tolist()
         for row, i in enumerate(idx):
             seq = gen[row]

@@ -291,6 +291,7 @@ class PPOTrainer:
             sequences = self.policy.generate(  # the unwrapped policy: no DDP hooks, KV cache on
                 input_ids=prompts, attention_mask=prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
                 temperature=c.temperature, top_p=c.top_p, top_k=0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                synced_gpus=False,  # the weights are whole here: no process waits on another per token
             )
         response = sequences[:, prompts.shape[1]:]
         is_stop = torch.isin(response, torch.tensor(self.stop_ids, device=device))

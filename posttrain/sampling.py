@@ -70,7 +70,8 @@ def sample(model, prompts: list[list[int]], seeds: list[int], *, stop_ids: list[
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                                   pad_token_id=pad_id)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             logits_processor=LogitsProcessorList([SeededSampler(chunk_seeds, temperature, top_p, top_k)]))
+                             logits_processor=LogitsProcessorList([SeededSampler(chunk_seeds, temperature, top_p, top_k)]),
+                             synced_gpus=False)  # sharded weights are gathered first (sharding.whole_weights)
         for seq in gen[:, width:].tolist():
             stop = next((k for k, t in enumerate(seq) if t in stop_ids), None)
             out.append(seq if stop is None else seq[: stop + 1])

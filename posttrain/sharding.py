@@ -136,10 +136,27 @@ def whole_weights(root: nn.Module, accelerator=None):
     if accelerator is not None and is_zero3(accelerator):
         from trl.models.utils import unwrap_model_for_generation
 
-        with unwrap_model_for_generation(root, accelerator, gather_deepspeed3_params=True):
+        with unwrap_model_for_generation(root, accelerator, gather_deepspeed3_params=True), _no_step_hook(root):
             yield
         return
     yield
+
+
+@contextlib.contextmanager
+def _no_step_hook(engine):
+    """Lift the forward pre-hook ZeRO-3 keeps on the root module besides the per-module hooks TRL lifts:
+    it checks, in a collective, that every process traces the same parameters, so a forward by the
+    main process alone (an evaluation) would wait for the others forever."""
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)
+    handle = getattr(offload, "fwd_pre_hook", None)
+    hooks = getattr(getattr(offload, "module", None), "_forward_pre_hooks", {})
+    hook = hooks.pop(handle.id, None) if handle is not None else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hooks[handle.id] = hook
 
 
 def trainer_weights(trainer):

@@ -9,7 +9,7 @@ process stops its forwards while another still all-gathers; what TRL's GRPOTrain
 
 Both generate the same number of tokens (min_new_tokens = max_new_tokens), from the same random
 prompts, sampling with the same seed; each way is timed `--repeats` times after one warm-up, and the
-median is reported. Rank 0 prints one JSON line and writes it to --out.
+median is reported. Rank 0 prints one JSON line and appends it to --out.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def main() -> None:
         print(json.dumps(row))
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(row) + "\n")
+            with Path(a.out).open("a") as f:  # one line per model measured
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":
