@@ -238,17 +238,12 @@ class PPOTrainer:
                                       fused=True)  # one kernel for all parameters (see training.trainer_kwargs)
         self.skeleton = None
         if self.sharded:
-            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-            from posttrain.sharding import skeleton
+            from posttrain.sharding import shard_frozen, skeleton
 
             # FSDP2 shards in place: keep the policy's structure to put the gathered weights in at the end
             self.skeleton = skeleton(self.policy) if accelerator.is_main_process else None
-            if self.ref_policy is not None:  # frozen, sharded too: gathered block by block for its one forward per minibatch
-                self.ref_policy = fsdp2_prepare_model(accelerator, self.ref_policy)
-                # FSDP2 keeps a root's own weights (embeddings, final norm) whole after its forward, for the
-                # backward that follows; a frozen model has none, so they are freed too
-                self.ref_policy.set_reshard_after_forward(True)
+            if self.ref_policy is not None:  # frozen, sharded too: gathered block by block for its forwards
+                self.ref_policy = shard_frozen(self.ref_policy, accelerator)
         self.model, self.optimizer = accelerator.prepare(self.wrapper, optimizer)
         self.state_bytes: dict[str, int] | None = None  # what this process holds, measured after the first step
 
@@ -391,17 +386,10 @@ class PPOTrainer:
         before sharding (a full model or a peft model alike)."""
         if not self.sharded:
             return self.policy
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from posttrain.sharding import gather_whole
 
-        from posttrain.sharding import fill
-
-        state = get_model_state_dict(self.wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.accelerator.is_main_process:
-            return None
-        prefix = "policy."
-        policy = fill(self.skeleton, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        self.skeleton = None
-        return policy.to(self.accelerator.device).eval()
+        policy, self.skeleton = gather_whole(self.wrapper, self.skeleton, self.accelerator, "policy."), None
+        return policy
 
     def _token_share(self, mask: Tensor) -> float:
         """This process's share of the minibatch tokens of all processes, times their number: weighting each

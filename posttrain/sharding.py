@@ -166,6 +166,33 @@ def trainer_weights(trainer):
     return whole_weights(root, trainer.accelerator)
 
 
+def shard_frozen(model: nn.Module, accelerator, free_root: bool = True) -> nn.Module:
+    """Shard a frozen model (a reference policy, a reward model) with FSDP2 as accelerate shards a trained
+    one (the launch config's blocks and the root), in place. `free_root`: also free the root's own
+    weights (embeddings, final norm) after each forward; FSDP2 keeps them whole for the backward that
+    follows, which a frozen model never has. Keep them when code reads a root weight outside the
+    forward (a reward model's score head, applied to the hidden states by models.last_token_logits)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    model = fsdp2_prepare_model(accelerator, model)
+    if free_root:
+        model.set_reshard_after_forward(True)
+    return model
+
+
+def gather_whole(sharded: nn.Module, structure: nn.Module | None, accelerator, prefix: str = "") -> nn.Module | None:
+    """The whole weights of the FSDP2 module `sharded` (or of its submodule under `prefix`) put into
+    `structure`, skeleton(...) of that module taken before sharding, on the main process; None on
+    the others. Every process must call it: each contributes its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    whole = fill(structure, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return whole.to(accelerator.device).eval()
+
+
 def is_zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3

@@ -19,6 +19,7 @@ reward model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -37,7 +38,7 @@ from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
 from posttrain.rewards import load_prompts, proxy_norm
 from posttrain.runs import EXTRA_STATE_FILE, Curve, Run, atomic_dir
-from posttrain.sharding import fsdp_modules, whole_weights
+from posttrain.sharding import fsdp_modules, gather_whole, shard_frozen, skeleton, state_bytes, whole_weights
 from posttrain.templates import stop_ids
 from posttrain.training import Progress
 
@@ -108,6 +109,10 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
                           recipe.seed)
     trainer = PPOTrainer(policy, critic, tok, reward_fn_for(recipe, scorer, verifier, norm), PPOConfig.from_recipe(recipe),
                          accelerator=accelerator, ref_policy=ref, stop_ids=stop_ids(tok))
+    scorer_structure = None
+    if trainer.sharded and scorer is not None:  # the reward model, frozen, is sharded like the reference
+        scorer_structure = skeleton(scorer.model) if run.is_main else None
+        scorer.model = shard_frozen(scorer.model, accelerator, free_root=False)  # its score head is read after forward
 
     start = 0
     ckpt = run.rewind() if run.is_main else run.last_checkpoint()
@@ -131,7 +136,7 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
             last = run.last_checkpoint()
             raise UserError(f"{e}; the last good checkpoint is {last or 'none (no checkpoint yet)'}") from None
         if (it + 1) % p.eval_every == 0 and eval_rows and verifier is not None:
-            with whole_weights(trainer.wrapper):  # sharded: every process gathers, the main one evaluates
+            with whole_weights(trainer.wrapper), _whole(scorer):  # sharded: every process gathers, the main one evaluates
                 if run.is_main:
                     stats.update(greedy_eval(trainer.policy, tok, eval_rows[:128], verifier, p.max_new_tokens, scorer, norm))
         history.append(stats)
@@ -143,6 +148,8 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     progress.stop()
     held = _held_bytes(trainer, scorer, accelerator)
     policy = trainer.whole_policy()  # every process joins where the policy is sharded
+    if trainer.sharded and scorer is not None:
+        scorer.model = gather_whole(scorer.model, scorer_structure, accelerator)
     if not run.is_main:
         return run.dir
     if held is not None:
@@ -182,16 +189,21 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     return run.finish(summary, title="PPO policy", notes=notes, save=policy.save_pretrained, tokenizer=tok, curves=CURVES)
 
 
+def _whole(scorer: RewardScorer | None):
+    """whole_weights for the reward model, sharded or not (a no-op without one)."""
+    return whole_weights(scorer.model) if scorer is not None else contextlib.nullcontext()
+
+
 def _held_bytes(trainer: PPOTrainer, scorer: RewardScorer | None, accelerator: Accelerator) -> dict | None:
     """Bytes each process held for training (PPOTrainer state_bytes: parameters, gradients, optimizer
-    state, the frozen reference; plus the reward model, whole on every process), of the process that
+    state, the frozen reference; plus the reward model, sharded like them under FSDP2), of the process that
     held the most, with their total and the process count; None before any optimizer step. Every
     process must call it; the main one gets the answer."""
     from accelerate.utils import gather_object
 
     held = dict(trainer.state_bytes or {})
     if held and scorer is not None:
-        held["reward_model"] = sum(t.numel() * t.element_size() for t in scorer.model.parameters())
+        held["reward_model"] = state_bytes(scorer.model, None)["params"]  # this process's shards under FSDP2
     rows = gather_object([held]) if accelerator.num_processes > 1 else [held]
     if not rows[0]:
         return None
