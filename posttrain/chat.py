@@ -93,9 +93,12 @@ class Chat:
         return f"unknown command {name}; {HELP}"
 
 
-def run_chat(run_dir: str, *, temperature: float = 0.7, max_new_tokens: int = 64, seed: int = 0) -> int:
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def run_chat(run_dir: str, *, temperature: float = 0.7, max_new_tokens: int | None = None, seed: int = 0) -> int:
     """The `posttrain chat` command: an interactive session, or one answer per line of piped input."""
-    from posttrain.models import device, load_causal_lm, load_tokenizer
+    from posttrain.models import context_length, device, load_causal_lm, load_tokenizer
 
     path = Path(run_dir)
     if not path.exists():
@@ -109,13 +112,22 @@ def run_chat(run_dir: str, *, temperature: float = 0.7, max_new_tokens: int = 64
         raise UserError(f"{run_dir}: not a model directory (no config.json or adapter_config.json)")
     if not math.isfinite(temperature) or temperature < 0:
         raise UserError(f"--temperature {temperature}: must be a number >= 0 (0 = greedy)")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if seed < 0:
         raise UserError(f"--seed {seed}: must be >= 0")
     tok = load_tokenizer(run_dir)
     model = load_causal_lm(run_dir, tokenizer=tok).to(device())
+    context = context_length(model)
+    fitted = None
+    if max_new_tokens is None:  # the default fits any model: at most half its context, leaving room for the prompt
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        if context is not None and max_new_tokens > context // 2:
+            max_new_tokens = fitted = max(1, context // 2)
     chat = Chat(model, tok, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    if fitted is not None:
+        print(f"note: answers of at most {fitted} tokens (half of the model's {context}-token context; "
+              "--max-new-tokens to choose)", file=sys.stderr)
     if chat.context is not None and max_new_tokens >= chat.context:
         raise UserError(f"--max-new-tokens {max_new_tokens}: the model's context holds {chat.context} tokens, prompt "
                         f"included; use at most {chat.context - 1}")

@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("run_dir", help="a finished model directory (any stage but reward)")
     t.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
-    t.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    t.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer in tokens (default 64, or half the model's context where that is shorter)")
     t.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     t.set_defaults(func=_chat)
     return parser

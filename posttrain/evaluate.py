@@ -281,19 +281,33 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
     return out
 
 
+# Logits elements one scoring forward may hold (256 MB in fp32): a 262k-token vocabulary (Gemma 3) makes
+# [batch, length, vocab] logits of 32 x 128 tokens 4.3 GB, and log_softmax as much again.
+LOGITS_BUDGET = 2**26
+
+
 @torch.no_grad()
 def answer_logprobs(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> list[float]:
-    """log p(answer | head) summed over the answer's tokens, for (head ids, answer ids) pairs."""
+    """log p(answer | head) summed over the answer's tokens, for (head ids, answer ids) pairs. Batches
+    shrink so that their logits stay within LOGITS_BUDGET elements, and each answer is normalised only
+    at its own positions (gathered logit minus logsumexp), never a log_softmax over the whole batch."""
     from posttrain.models import right_padded_batches
 
     device = next(model.parameters()).device
+    config = getattr(model, "module", model).config  # DDP keeps the model in .module
+    vocab = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    longest = max((len(h) + len(x) for h, x in seqs), default=1)
+    rows = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
     out = [0.0] * len(seqs)
-    for idx, ids, mask in right_padded_batches([h + x for h, x in seqs], batch_size, pad_id):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+    for idx, ids, mask in right_padded_batches([h + x for h, x in seqs], rows, pad_id):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, i in enumerate(idx):
             h, x = seqs[i]
-            out[i] = float(logp[row, len(h) - 1 : len(h) - 1 + len(x)].sum())
+            if not x:
+                continue
+            at = logits[row, len(h) - 1 : len(h) - 1 + len(x)].float()  # the positions that predict the answer
+            picked = at.gather(-1, torch.tensor(x, device=at.device)[:, None])[:, 0]
+            out[i] = float((picked - at.logsumexp(-1)).sum())
     return out
 
 

@@ -43,6 +43,7 @@ def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
         p = Path(value)
         if p.exists():
             require_done(p, key)
+            _check_file(key, p)
             continue
         if key == "pretrain.tokenizer.path" and value in GPT2_NAMES:
             continue  # GPT-2's tokenizer ships with posttrain's dependencies (gpt2_tokenizer.py): no Hub
@@ -52,6 +53,19 @@ def check_inputs(recipe: Recipe, offline: bool = False) -> list[str]:
         raise UserError(f"{key}: {value} does not exist{_world_hint(p)}")
     check_fits(recipe)
     return notes
+
+
+def _check_file(key: str, p: Path) -> None:
+    """What a file must be for its key, read before anything is written: a chat template is a Jinja
+    template over `messages` (not a data file), a nanoGPT checkpoint a weights-only pickle."""
+    if key == "model.chat_template":
+        from posttrain.templates import read_template
+
+        read_template(str(p))
+    elif key == "model.path" and p.is_file() and p.suffix == ".pt":
+        from posttrain.nanogpt import read_checkpoint
+
+        read_checkpoint(p)
 
 
 def _partly_local(p: Path) -> bool:

@@ -113,8 +113,14 @@ def check_checkpoint(path: Path, trust_remote_code: bool = False) -> None:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
-            raise UserError(f"model.path: {file} was refused: the pickle calls code, not only tensors "
-                            f"({_first_line(e, 'GLOBAL')}); convert it to safetensors from a copy you trust") from None
+            from posttrain.pickles import GLOBAL_REFUSED, code_named
+
+            culprit = GLOBAL_REFUSED.search(str(e))
+            named = culprit.group(1) if culprit else code_named(file)
+            if named:
+                raise UserError(f"model.path: {file} refused: loading it would run code ({named}); convert it to "
+                                "safetensors from a copy you trust") from None
+            raise UserError(f"model.path: {file} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
         except Exception as e:
             raise UserError(f"model.path: {file} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -27,8 +27,6 @@ the cut rows and the added zero biases are accounted for.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,20 +62,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        culprit = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-        if culprit:
-            raise UserError(f"{path}: refused: the checkpoint pickles the Python object {culprit.group(1)}, and unpickling "
-                            "it could run arbitrary code; posttrain loads only tensors and plain values "
-                            "(torch.load weights_only=True). Re-save it with torch.save({'model': model.state_dict(), "
-                            "'model_args': dict(...)})") from None
-        reason = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip() or text
-        raise UserError(f"{path}: not a PyTorch checkpoint ({reason.splitlines()[0]})") from None
-    except Exception as e:  # torch.load fails in many ways on a file that is not a checkpoint
-        raise UserError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    from posttrain.pickles import load_weights_only
+
+    raw = load_weights_only(path, "checkpoint", "posttrain loads only tensors and plain values (torch.load "
+                            "weights_only=True); re-save it with torch.save({'model': model.state_dict(), "
+                            "'model_args': dict(...)})")
     if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
         found = f"keys {sorted(map(str, raw))[:6]}" if isinstance(raw, dict) else type(raw).__name__
         raise UserError(f"{path}: not a nanoGPT checkpoint (found {found}); expected a dict with 'model' (the state "

@@ -82,31 +82,35 @@ def read_yaml(path: Path) -> tuple[object, str]:
 def _check_node(root: yaml.Node, path: Path) -> None:
     sizes: dict[int, int] = {}
 
-    def size(node: yaml.Node, active: frozenset) -> int:
+    def size(node: yaml.Node, active: frozenset, where: str) -> int:
         if id(node) in sizes:
             return sizes[id(node)]
         if id(node) in active:
-            raise UserError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself; write the value out")
+            raise UserError(f"{path}:{node.start_mark.line + 1}: {where or 'the document'}: a YAML alias refers to "
+                            "itself; write the value out")
         n = 1
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                named = isinstance(key, yaml.ScalarNode) and key.value != "<<"
+                if named:
                     if key.value in seen:
                         raise UserError(f"{path}:{key.start_mark.line + 1}: key {_short(key.value)} appears twice in one "
                                         f"mapping (first on line {seen[key.value]}); YAML would keep the last silently: "
                                         "remove one")
                     seen[key.value] = key.start_mark.line + 1
-                n += size(key, active | {id(node)}) + size(value, active | {id(node)})
+                name = str(key.value)[:60] if named else ""
+                inner = f"{where}.{name}" if named and where else name or where
+                n += size(key, active | {id(node)}, where) + size(value, active | {id(node)}, inner)
         elif isinstance(node, yaml.SequenceNode):
-            n += sum(size(item, active | {id(node)}) for item in node.value)
+            n += sum(size(item, active | {id(node)}, f"{where}[{i}]") for i, item in enumerate(node.value))
         if n > MAX_VALUES:
-            raise UserError(f"{path}:{node.start_mark.line + 1}: YAML aliases here expand to more than {MAX_VALUES:,} "
-                            "values (an alias bomb?); write the values out")
+            raise UserError(f"{path}:{node.start_mark.line + 1}: {where or 'the document'}: YAML aliases here expand to "
+                            f"more than {MAX_VALUES:,} values (an alias bomb?); write the values out")
         sizes[id(node)] = n
         return n
 
-    size(root, frozenset())
+    size(root, frozenset(), "")
 
 
 def _short(value: object, width: int = 60) -> str:

@@ -122,14 +122,19 @@ EXTRA_STATE_FILE = "posttrain_state.json"
 def check_resume(recipe: Recipe, force: bool = False) -> None:
     """Refuse, before any model loads, to resume a checkpoint that another number of processes wrote
     (`WORLD_SIZE`, as the launcher sets it): its data order and per-process random states would not
-    line up. The stage itself resumes from that checkpoint only when the recipe is unchanged."""
+    line up; or one whose pickles name code (posttrain/pickles.py). The stage itself resumes from that checkpoint only when the recipe is unchanged."""
     run = Run(recipe)
     saved = run.dir / "recipe.yaml"
     if force or (run.dir / "DONE").exists() or not saved.is_file() or not _same_recipe(saved.read_text(), recipe):
         return
     ckpt = run.last_checkpoint()
-    state = ckpt / EXTRA_STATE_FILE if ckpt is not None else None
-    if state is None or not state.is_file():
+    if ckpt is None:
+        return
+    from posttrain.pickles import check_checkpoint_pickles
+
+    check_checkpoint_pickles(ckpt)  # a pickle that names code is refused here, before the stage loads it
+    state = ckpt / EXTRA_STATE_FILE
+    if not state.is_file():
         return
     written, now = json.loads(state.read_text()).get("processes", 1), int(os.environ.get("WORLD_SIZE", "1"))
     if written != now:

@@ -31,6 +31,11 @@ def read_template(path: str) -> str:
     if not text.strip():
         raise UserError(f"model.chat_template: {path} is empty; a template renders the conversation")
     check_template(text, str(path))
+    body = COMMENT.sub("", text)
+    if not re.search(r"\{[{%]", body) or not re.search(r"\bmessages\b", body):
+        raise UserError(f"model.chat_template: {path} is not a chat template: it has no Jinja tag that reads "
+                        "`messages`, the conversation a template renders; point it at a .jinja template "
+                        "(e.g. data_templates/chatml.jinja)")
     return text
 
 

@@ -1,5 +1,8 @@
-"""Tiny randomly initialised checkpoints of six model families, built from configs (no download), each
+"""Tiny randomly initialised checkpoints of eight model families, built from configs (no download), each
 with a byte-level BPE tokenizer trained here and a chat template in that family's real format.
+Gemma 3 and Qwen 3 are built as their base models come: tied input and output embeddings, sliding-window
+attention layers, and their real vocabulary sizes (262,144 and 151,936 rows, far more than the
+tokenizer's 600 tokens: the embeddings and logits are as large as the real models').
 
 The templates are written the way the families ship them: no {% generation %} markers, their own
 turn tokens, pad == eos or no pad at all. `EXPECTED` holds, for one conversation, the exact text of
@@ -12,6 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -19,6 +23,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 CHATML = """{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
@@ -67,6 +72,14 @@ FAMILIES = {
               {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, GEMMA),
     "gpt_neox": (GPTNeoXConfig, {}, ["<|endoftext|>", "<|padding|>", "<|user|>", "<|assistant|>", "<|system|>"],
                  {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}, NEOX),
+    "gemma3": (Gemma3TextConfig, {"head_dim": 16, "vocab_size": 262_144, "tie_word_embeddings": True, "sliding_window": 16,
+                                  "layer_types": ["sliding_attention", "full_attention"]},
+               ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+               {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, GEMMA),
+    "qwen3": (Qwen3Config, {"head_dim": 16, "vocab_size": 151_936, "tie_word_embeddings": True, "use_sliding_window": True,
+                            "sliding_window": 16, "max_window_layers": 1},
+              ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+              CHATML),
 }
 
 CONVERSATION = [
@@ -86,9 +99,11 @@ EXPECTED = {
     "mistral": [" Ada Lang lives in Paris.</s>", " 3 plus 4 is 7.</s>"],
     "gemma": ["Ada Lang lives in Paris.<end_of_turn>", "3 plus 4 is 7.<end_of_turn>"],
     "gpt_neox": ["Ada Lang lives in Paris.<|endoftext|>", "3 plus 4 is 7.<|endoftext|>"],
+    "gemma3": ["Ada Lang lives in Paris.<end_of_turn>", "3 plus 4 is 7.<end_of_turn>"],
+    "qwen3": ["Ada Lang lives in Paris.<|im_end|>", "3 plus 4 is 7.<|im_end|>"],
 }
 END_OF_TURN = {"gpt2": "<|im_end|>", "llama": "<|eot_id|>", "qwen2": "<|im_end|>", "mistral": "</s>",
-               "gemma": "<end_of_turn>", "gpt_neox": "<|endoftext|>"}
+               "gemma": "<end_of_turn>", "gpt_neox": "<|endoftext|>", "gemma3": "<end_of_turn>", "qwen3": "<|im_end|>"}
 
 
 def build_tokenizer(family: str, corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -115,8 +130,8 @@ def build_checkpoint(family: str, out: Path, corpus: list[str]) -> Path:
         max_position_embeddings=256)
     if family == "gpt_neox":
         size.pop("num_key_value_heads")
-    config = cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                 pad_token_id=tok.pad_token_id, **size, **extra)
+    config = cls(**{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                    "pad_token_id": tok.pad_token_id, **size, **extra})
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -124,7 +124,7 @@ def _(env):
     return ["validate", env.sft("logging: {every: 1, every: 2}\n")]
 
 
-@case("recipe-file", "alias_bomb", "alias")
+@case("recipe-file", "alias_bomb", ": e: YAML aliases here expand")  # the key it sits under, named
 def _(env):
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for i in range(1, 9):
@@ -774,6 +774,42 @@ def _(env):  # a sharded PPO run's checkpoint (whole tensors, but per-process RN
     env.file("out/recipe.yaml", recipe_yaml(load_recipe(recipe)))
     env.file(f"out/checkpoints/checkpoint-1/{EXTRA_STATE_FILE}", json.dumps({"processes": 2}))
     return ["ppo", recipe]
+
+
+class _Runs:
+    """Unpickling this runs os.system: what a poisoned checkpoint file carries."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+@case("checkpoint", "resume_poisoned_pickle", "refused: loading it would run code")
+def _(env):  # an unfinished run whose optimizer.pt names code: refused before the stage loads anything
+    import torch
+
+    from posttrain.recipe_file import load_recipe
+    from posttrain.runs import recipe_yaml
+
+    recipe = env.sft()
+    env.file("out/recipe.yaml", recipe_yaml(load_recipe(recipe)))
+    ckpt = env.file("out/checkpoints/checkpoint-1/trainer_state.json", "{}").parent
+    torch.save({"state": _Runs()}, ckpt / "optimizer.pt")
+    return ["sft", recipe]
+
+
+@case("recipe-value", "chat_template_is_data", "not a chat template")
+def _(env):  # a data file named as the template: valid Jinja text that renders no conversation
+    recipe = Path(env.sft()).read_text().replace(f"chat_template: {CHATML}", f"chat_template: {env.world}/sft_train.jsonl")
+    return ["validate", env.recipe(recipe, "data_as_template.yaml")]
+
+
+@case("checkpoint", "pretrain_from_junk_pt", "not a PyTorch checkpoint")
+def _(env):  # a .pt given as the model to continue pretraining: read as a nanoGPT checkpoint, and this is none
+    junk = env.file("junk.pt", b"not a pickle at all")
+    return ["pretrain", env.recipe(f"stage: pretrain\nmodel: {{path: {junk}}}\ndata: {{train: {env.world}/pretrain.jsonl, "
+                                   f"max_length: 64}}\ntrain: {{max_steps: 1}}\noutput_dir: {env.out}\n", "pretrain.yaml")]
 
 
 @case("checkpoint", "resume_other_process_count", "written by 2 process(es) and this run has 1")

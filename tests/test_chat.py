@@ -73,3 +73,20 @@ def test_base_model_continues_plain_text(tiny_base, small_world):
 def test_chat_refuses_a_missing_run(tmp_path):
     proc = cli("chat", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_the_default_answer_length_fits_a_short_context(tmp_path, tiny_sft):
+    """A model with a 64-token context: the default --max-new-tokens (64) would leave no room for the
+    prompt, so the answers are fitted into half the context, said once; an explicit value is still checked."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_sft)
+    short = tmp_path / "short"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_embd=16, n_head=2)).save_pretrained(short)
+    tok.save_pretrained(short)
+    proc = cli("chat", str(short), input="Where does Ada Lang live?\nAnd Bo?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("note: answers of at most 32 tokens") == 1, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) >= 2  # an answer to each line
+    bad = cli("chat", str(short), "--max-new-tokens", "64", input="hi\n")
+    assert bad.returncode == 2 and "use at most 63" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,9 +1,10 @@
-"""Real checkpoint families, every stage: tiny Llama, Qwen2, Mistral, Gemma, GPT-NeoX and GPT-2 models
-built from configs, each with its family's own chat template (no {% generation %} markers), its own
-end-of-turn token, and pad == eos or no pad token at all.
+"""Real checkpoint families, every stage: tiny Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma 3, GPT-NeoX and
+GPT-2 models built from configs, each with its family's own chat template (no {% generation %} markers),
+its own end-of-turn token, and pad == eos or no pad token at all; Gemma 3 and Qwen 3 as their base models
+come (tied embeddings, sliding-window layers, their real vocabulary sizes).
 
-The default suite checks every family's masks and runs the whole chain on one family (Llama: no pad
-token, an end-of-turn token that is not its EOS); `make test-slow` runs the chain on all six.
+The default suite checks every family's masks and KL scoring and runs the whole chain on one family
+(Llama: no pad token, an end-of-turn token that is not its EOS); `make test-slow` runs the chain on all eight.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def test_an_answer_is_scored_with_the_stop_token_it_ended_with(checkpoints, fami
     assert foreign[0] == pytest.approx(got[0], abs=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])  # the end-of-turn token is not the EOS
+@pytest.mark.parametrize("family", ["llama", "gemma", "qwen2", "gemma3", "qwen3"])  # end-of-turn is not the EOS
 def test_kl_of_a_chat_model_that_never_says_eos_is_measured_not_clamped(checkpoints, small_world, family):
     """A chat model ends turns with its end-of-turn token and gives its EOS almost no probability (a real
     SFT model gave it about -80 nats). Made so here by a hook on the LM head of the policy: EOS pushed down,

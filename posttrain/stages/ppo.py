@@ -33,6 +33,7 @@ from posttrain.errors import UserError
 from posttrain.evaluate import evaluate_prompts, greedy_eval, kl_summary, policy_kl
 from posttrain.models import check_max_length, load_start_model, load_tokenizer, lora_config
 from posttrain.monitor import check_history
+from posttrain.pickles import load_weights_only
 from posttrain.ppo import NonFiniteError, PPOConfig, PPOTrainer
 from posttrain.preference import RewardScorer
 from posttrain.recipe import PpoRecipe
@@ -118,7 +119,7 @@ def main(recipe: PpoRecipe, force: bool = False) -> Path:
     ckpt = run.rewind() if run.is_main else run.last_checkpoint()
     if ckpt is not None:
         try:
-            trainer.load_state_dict(torch.load(ckpt / "ppo.pt", weights_only=True))
+            trainer.load_state_dict(load_weights_only(ckpt / "ppo.pt", "resume", "pass --force to start over"))
         except ValueError as e:  # e.g. written by another number of processes
             raise UserError(f"{ckpt}: {e}; resume it launched the same way, or pass --force to start over") from None
         start = trainer.iteration

@@ -24,8 +24,6 @@ import torch
 from datasets import Dataset
 from rich.console import Console
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Tokenizer,
@@ -53,8 +51,10 @@ def build_tokenizer(recipe: PretrainRecipe, texts: list[str]):
         from posttrain.gpt2_tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.path)
-    elif recipe.model.path:
-        tok = AutoTokenizer.from_pretrained(recipe.model.path)
+    elif recipe.model.path:  # a model directory, or a nanoGPT .pt checkpoint (posttrain.models reads both)
+        from posttrain.models import load_tokenizer
+
+        tok = load_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
     else:
         from tokenizers import ByteLevelBPETokenizer
 
@@ -114,7 +114,10 @@ def main(recipe: PretrainRecipe, force: bool = False) -> Path:
 
     torch.manual_seed(recipe.seed)
     if recipe.model.path:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+        from posttrain.models import load_start_model
+
+        # no tokenizer check: pretraining grows the embeddings to the tokenizer (a pad token it adds) below
+        model = load_start_model(recipe.model.path, getattr(recipe.model, "dtype", "auto"), recipe.model.trust_remote_code)
         model.resize_token_embeddings(len(tok))
     else:
         c = recipe.model.config
