@@ -63,9 +63,12 @@ def _check_file(key: str, p: Path) -> None:
 
         read_template(str(p))
     elif key == "model.path" and p.is_file() and p.suffix == ".pt":
-        from posttrain.nanogpt import read_checkpoint
+        from posttrain.pickles import load_weights_only
 
-        read_checkpoint(p)
+        fix = "give a nanoGPT checkpoint: torch.save({'model': model.state_dict(), 'model_args': dict(...)})"
+        raw = load_weights_only(p, key, fix)
+        if not isinstance(raw, dict) or "model" not in raw or "model_args" not in raw:
+            raise UserError(f"{key}: {p} is not a nanoGPT checkpoint (no 'model' and 'model_args'); {fix}")
 
 
 def _partly_local(p: Path) -> bool:

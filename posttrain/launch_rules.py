@@ -14,7 +14,6 @@ is a single plain process, as `posttrain STAGE RECIPE` runs.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,36 +298,10 @@ def _check_fsdp(recipe: Recipe, launch: Launch, where: str) -> list[str]:
     # name that the model does not have is an error in every process after loading the model.
     layer = f.get("fsdp_transformer_layer_cls_to_wrap")
     if layer and str(f.get("fsdp_auto_wrap_policy", "")).upper() == "TRANSFORMER_BASED_WRAP":
+        from posttrain.sharding import check_layer_classes
+
         check_layer_classes(recipe, str(layer), where)
     return notes
-
-
-def check_layer_classes(recipe: Recipe, names: str, where: str) -> None:
-    """Refuse an FSDP wrap class (comma-separated `names`) that the recipe's model does not define."""
-    missing = _missing_layer_classes(recipe, names)
-    if missing:
-        raise UserError(f"{where}: fsdp_transformer_layer_cls_to_wrap {', '.join(missing)} is not a layer of a "
-                        f"{next(iter(missing.values()))} model; name its decoder block (for GPT-2: GPT2Block)")
-
-
-def _missing_layer_classes(recipe: Recipe, names: str) -> dict[str, str]:
-    """{class name: model type} for wrap classes the recipe's model does not define. Only checked
-    when the architecture is known without a download: a local model directory, or pretrain's GPT-2."""
-    model = getattr(recipe, "model", None)
-    if model is None:
-        return {}
-    model_type = None
-    if model.path is None:  # pretrain from model.config: a GPT-2
-        model_type = "gpt2"
-    elif (Path(model.path) / "config.json").is_file():
-        model_type = json.loads((Path(model.path) / "config.json").read_text()).get("model_type")
-    if not model_type:
-        return {}
-    try:
-        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-    except ImportError:
-        return {}
-    return {name: model_type for name in (n.strip() for n in names.split(",")) if name and not hasattr(module, name)}
 
 
 def _check_deepspeed(recipe: Recipe, launch: Launch, where: str) -> list[str]:

@@ -133,10 +133,16 @@ def check_resume(recipe: Recipe, force: bool = False) -> None:
     from posttrain.pickles import check_checkpoint_pickles
 
     check_checkpoint_pickles(ckpt)  # a pickle that names code is refused here, before the stage loads it
+    check_processes(ckpt, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def check_processes(ckpt: Path, now: int) -> None:
+    """Refuse to resume `ckpt` with `now` processes when another number wrote it: the data order and
+    the per-process random states would not line up."""
     state = ckpt / EXTRA_STATE_FILE
     if not state.is_file():
         return
-    written, now = json.loads(state.read_text()).get("processes", 1), int(os.environ.get("WORLD_SIZE", "1"))
+    written = json.loads(state.read_text()).get("processes", 1)
     if written != now:
         raise UserError(f"{ckpt} was written by {written} process(es) and this run has {now}; resume it launched the "
                         "same way, or pass --force to start over")

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -236,9 +239,37 @@ def check_stage(recipe, kind: str = "FSDP", cuda: bool | None = None) -> None:
     # model lacks fails in every process after the model has loaded (FullyShardedDataParallelPlugin).
     layers = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
     if layers and os.environ.get("FSDP_AUTO_WRAP_POLICY", "").upper() == "TRANSFORMER_BASED_WRAP":
-        from posttrain.launch_rules import check_layer_classes
-
         check_layer_classes(recipe, layers, where)
+
+
+def check_layer_classes(recipe, names: str, where: str) -> None:
+    """Refuse an FSDP wrap class (comma-separated `names`) that the recipe's model does not define."""
+    from posttrain.errors import UserError
+
+    missing = _missing_layer_classes(recipe, names)
+    if missing:
+        raise UserError(f"{where}: fsdp_transformer_layer_cls_to_wrap {', '.join(missing)} is not a layer of a "
+                        f"{next(iter(missing.values()))} model; name its decoder block (for GPT-2: GPT2Block)")
+
+
+def _missing_layer_classes(recipe, names: str) -> dict[str, str]:
+    """{class name: model type} for wrap classes the recipe's model does not define. Only checked
+    when the architecture is known without a download: a local model directory, or pretrain's GPT-2."""
+    model = getattr(recipe, "model", None)
+    if model is None:
+        return {}
+    model_type = None
+    if model.path is None:  # pretrain from model.config: a GPT-2
+        model_type = "gpt2"
+    elif (Path(model.path) / "config.json").is_file():
+        model_type = json.loads((Path(model.path) / "config.json").read_text()).get("model_type")
+    if not model_type:
+        return {}
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return {}
+    return {name: model_type for name in (n.strip() for n in names.split(",")) if name and not hasattr(module, name)}
 
 
 def template_rows(model) -> tuple[bool, bool] | None:

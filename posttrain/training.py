@@ -22,7 +22,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from posttrain.errors import UserError
 from posttrain.recipe import Recipe
-from posttrain.runs import EXTRA_STATE_FILE, Run, publish
+from posttrain.runs import EXTRA_STATE_FILE, Run, check_processes, publish
 from posttrain.sharding import deepspeed_launch
 
 
@@ -211,11 +211,11 @@ def atomic_checkpoints(trainer_cls: type) -> type:
 def build_trainer(trainer_cls: type, run: Run, **kwargs):
     """`trainer_cls(**kwargs)` with atomic checkpoints, logging into `run`, and our progress display
     instead of the Trainer's printed dicts."""
-    from posttrain.sharding import TrainingState, skeleton
+    from posttrain.sharding import TrainingState, is_sharded, skeleton
 
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), MetricsCallback(run), TrainingState()]
     trainer = atomic_checkpoints(trainer_cls)(**kwargs)
-    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and trainer.accelerator.is_main_process:
+    if is_sharded(trainer) and trainer.accelerator.is_main_process:
         # FSDP and ZeRO-3 shard the model in place when training starts; rank 0 keeps its structure to finish on
         trainer.posttrain_skeleton = skeleton(trainer.model)
     trainer.remove_callback(PrinterCallback)
@@ -227,11 +227,8 @@ def fit(trainer, run: Run) -> dict:
     """Train, resuming from the run's last complete checkpoint if there is one. Returns train metrics."""
     ckpt = run.rewind()
     if ckpt is not None and (ckpt / EXTRA_STATE_FILE).exists():
+        check_processes(ckpt, trainer.accelerator.num_processes)  # the CLI checked already; a direct caller may not
         extra = json.loads((ckpt / EXTRA_STATE_FILE).read_text())
-        written_by, now = extra.get("processes", 1), trainer.accelerator.num_processes
-        if written_by != now:  # the data order and per-process RNG states would not line up
-            raise UserError(f"{ckpt} was written by {written_by} process(es) and this run has {now}; resume it "
-                            f"launched the same way, or pass --force to start over")
         trainer.loss_before_resume, trainer.resumed = extra["total_loss"], True
         if extra.get("total_train_tokens") is not None:
             trainer._total_train_tokens = extra["total_train_tokens"]
