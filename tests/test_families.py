@@ -10,6 +10,7 @@ The default suite checks every family's masks and KL scoring and runs the whole 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import ROOT, cli, write
@@ -123,7 +124,7 @@ def test_an_answer_is_scored_with_the_stop_token_it_ended_with(checkpoints, fami
 def test_kl_of_a_chat_model_that_never_says_eos_is_measured_not_clamped(checkpoints, small_world, family):
     """A chat model ends turns with its end-of-turn token and gives its EOS almost no probability (a real
     SFT model gave it about -80 nats). Made so here by a hook on the LM head of the policy: EOS pushed down,
-    end-of-turn up. Against the unhooked model, its KL is positive and measured; the old scoring (the EOS
+    end-of-turn up (by log(vocabulary) + 2, so that it dominates even among 262k tokens). Against the unhooked model, its KL is positive and measured; the old scoring (the EOS
     after every stopped answer) gives a mean log-ratio far below 0, which is reported as a measurement error."""
     import copy
 
@@ -135,10 +136,12 @@ def test_kl_of_a_chat_model_that_never_says_eos_is_measured_not_clamped(checkpoi
     eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids(END_OF_TURN[family])
     assert eos != eot
 
+    boost = math.log(ref.config.vocab_size) + 2.0  # end-of-turn about 9 times likelier than all the rest
+
     def shift(_module, _args, logits):
         logits = logits.clone()
         logits[..., eos] -= 40.0
-        logits[..., eot] += 6.0
+        logits[..., eot] += boost
         return logits
 
     policy.get_output_embeddings().register_forward_hook(shift)
@@ -146,7 +149,7 @@ def test_kl_of_a_chat_model_that_never_says_eos_is_measured_not_clamped(checkpoi
     est = policy_kl(policy, ref, tok, rows, max_new_tokens=8, batch_size=16)
     gens = answer(policy, tok, rows, max_new_tokens=8, batch_size=16, temperature=1.0)
     assert sum(g.stop_token == END_OF_TURN[family] for g in gens) >= len(gens) // 2  # most answers end their turn
-    assert est.valid and est.value > 0.5, est  # log(1 + e^6 p_eot) per stopped answer at least, minus noise
+    assert est.valid and est.value > 0.5, est  # the end-of-turn token alone: about log(vocab) nats per answer
 
     # what the old scoring did: the EOS after each stopped answer, about -40 nats more under the policy
     prompts, texts = [r["prompt"] for r in rows], [g.text for g in gens]
