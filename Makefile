@@ -26,6 +26,7 @@ help:
 	@echo "make sft | classify | reward | dpo | ppo | grpo   one stage (RECIPE=..., GPUS=N, ACCEL=ddp|fsdp|zero2|zero3)"
 	@echo "make rl         PPO, GRPO and RLOO on the gold verifier beside SFT and DPO (runs/world/rl)"
 	@echo "make examples   SMS spam, Alpaca SFT, preference reward + DPO, GSM8K GRPO on ../shared/data (recipes/examples/)"
+	@echo "make family     a Gemma 3 (FAMILY=qwen3: Qwen 3) base built offline, through every stage (runs/$(FAMILY))"
 	@echo "make bench      speed vs a bare PyTorch loop, TRL and TRL 1.12's PPO, side by side (runs/bench/bench.md)"
 	@echo "make bench-sharded   FSDP2 rollouts: weights gathered once vs per token (runs/bench/sharded_rollout.jsonl)"
 	@echo "make clean      delete runs/ (keeps .venv)"
@@ -138,6 +139,24 @@ rl: $(call needs,dpo grpo)
 
 pipeline: world base sft classify reward dpo ppo compare
 	@echo "pipeline done: summaries in runs/world/*/summary.json, report in runs/world/compare/report.html"
+
+# A base model of another family taken from "knows text" to "chats, is aligned" on the world, beside the
+# world's GPT-2 (docs/real-checkpoints.md): FAMILY=gemma3 (default) or qwen3, built offline from its
+# config by scripts/build_base.py, pretrained on the world corpus, then every stage with the family's
+# own chat template; runs/$(FAMILY)/ (~30 minutes on 2 cores after `make world`).
+FAMILY ?= gemma3
+F       = runs/$(FAMILY)
+FSET    = --set output_dir=$(F)/$(1)
+.PHONY: family
+family: world
+	test -f $(F)/init/config.json || $(BIN)/python scripts/build_base.py --family $(FAMILY) --out $(F)/init
+	$(PT) pretrain recipes/world/base.yaml --set model.path=$(F)/init --set model.config=null $(call FSET,base)
+	$(PT) sft recipes/world/sft.yaml --set model.path=$(F)/base --set model.chat_template=null $(call FSET,sft)
+	$(PT) classify recipes/world/classify.yaml --set model.path=$(F)/base $(call FSET,classify)
+	$(PT) reward recipes/world/reward.yaml --set model.path=$(F)/sft $(call FSET,reward)
+	$(PT) dpo recipes/world/dpo.yaml --set model.path=$(F)/sft $(call FSET,dpo)
+	$(PT) ppo recipes/world/ppo.yaml --set model.path=$(F)/sft --set ppo.reward_model=$(F)/reward $(call FSET,ppo)
+	$(PT) compare base=$(F)/base sft=$(F)/sft dpo=$(F)/dpo ppo=$(F)/ppo --reward $(F)/reward --ref sft --out $(F)/compare
 
 clean:
 	rm -rf runs

@@ -156,7 +156,15 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
             seed: int = 0) -> Result:
     """Answer every prompt (greedy, then `suite.samples` sampled rounds) and score the answers.
     `ref` is (reference model, its tokenizer) for KL, or None; the reference itself gets KL 0."""
-    from posttrain.evaluate import answer, answer_stats, distinct_n, gold_metrics, kl_estimate, sequence_logprobs
+    from posttrain.evaluate import (
+        answer,
+        answer_stats,
+        distinct_n,
+        gold_metrics,
+        kl_estimate,
+        same_vocab,
+        sequence_logprobs,
+    )
 
     kw = {"max_new_tokens": suite.max_new_tokens, "batch_size": suite.batch_size}
     greedy = answer(model, tok, rows, **kw)
@@ -189,11 +197,12 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
         if ref_model is model:
             m["kl_to_ref"] = 0.0
         else:  # E_{y ~ model}[log p_model(y|x) - log p_ref(y|x)], from the text of the model's own samples
-            diffs = []
+            diffs, shared = [], same_vocab(tok, ref_tok)  # shared: the sampled ids are scored as sampled
             for gens in sampled:
                 args = (prompts, [g.text for g in gens], [g.stop_token for g in gens])
-                lp = sequence_logprobs(model, tok, *args, batch_size=suite.batch_size)
-                lq = sequence_logprobs(ref_model, ref_tok, *args, batch_size=suite.batch_size)
+                ids = [g.ids for g in gens] if shared else None
+                lp = sequence_logprobs(model, tok, *args, batch_size=suite.batch_size, ids=ids)
+                lq = sequence_logprobs(ref_model, ref_tok, *args, batch_size=suite.batch_size, ids=ids)
                 diffs += [a - b for a, b in zip(lp, lq, strict=True)]
             est = kl_estimate(diffs)
             m["kl_to_ref"] = est.value

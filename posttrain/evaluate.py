@@ -18,6 +18,7 @@ class Generation:
     stopped: bool  # the model produced a stop token by itself
     tokens: int  # generated tokens, stop token included
     stop_token: str | None = None  # the stop token it produced (text, so another tokenizer can look it up)
+    ids: tuple[int, ...] = ()  # the continuation's token ids as sampled, stop token excluded
 
 
 @torch.no_grad()
@@ -75,7 +76,7 @@ def generate(
             text = tokenizer.decode(body, skip_special_tokens=False)
             stop = None if stop_at is None else tokenizer.convert_ids_to_tokens(seq[stop_at])
             out[i] = Generation(text=text, stopped=stop_at is not None, tokens=len(body) + (stop_at is not None),
-                                stop_token=stop)
+                                stop_token=stop, ids=tuple(body))
     model.train(was_training)
     return out  # type: ignore[return-value]
 
@@ -254,15 +255,18 @@ def evaluate_prompts(model, tokenizer, cfg, out_dir: Path, temperature: float = 
 
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], stops: list[str | None],
-                      batch_size: int = 32) -> list[float]:
+                      batch_size: int = 32, ids: list[tuple[int, ...]] | None = None) -> list[float]:
     """log p(response | prompt) under `model`, summed over the response's tokens and the token it
     stopped on (`stops`: that token's text, as in Generation.stop_token; None for an answer cut at its
     length limit). The stop token scored is the one the answer ended with, not the EOS: a chat model
     that ends turns with <end_of_turn> while its EOS is <eos> gives the EOS almost no probability
     after an answer, and scoring it would make every KL estimate nonsense. A scorer whose vocabulary
     lacks that token (another tokenizer) scores its own end of answer (templates.answer_end).
-    Works from text, so any model can score any other model's answers. Re-tokenised text can be longer
-    than what was generated: an answer is scored up to the end of the model's context, not past it."""
+    Works from text, so any model can score any other model's answers; `ids` (Generation.ids), given
+    when `tokenizer` is the one that sampled the answers (same_vocab), scores the tokens as sampled:
+    re-tokenised text is not always what was sampled (an undertrained model's answers re-tokenise
+    differently), and then the mean log-ratio is not a KL. An answer is scored up to the end of the
+    model's context, not past it."""
     from posttrain.models import context_length
     from posttrain.templates import answer_end, pad_id, prompt_ids
 
@@ -271,10 +275,10 @@ def sequence_logprobs(model, tokenizer, prompts: list, responses: list[str], sto
     vocab, own_end = tokenizer.get_vocab(), answer_end(tokenizer)
     ctx = context_length(model)
     seqs = []
-    for p, r, s in zip(prompts, responses, stops, strict=True):
+    for k, (p, r, s) in enumerate(zip(prompts, responses, stops, strict=True)):
         head = prompt_ids(tokenizer, p)
         end = [] if s is None else [vocab.get(s, own_end)]
-        body = tokenizer.encode(r, add_special_tokens=False) + end
+        body = (list(ids[k]) if ids is not None else tokenizer.encode(r, add_special_tokens=False)) + end
         seqs.append((head, body[: max(0, ctx - len(head))] if ctx else body))
     out = answer_logprobs(model, seqs, pad_id(tokenizer), batch_size)
     model.train(was_training)
@@ -343,6 +347,11 @@ class KlEstimate:
                 "not a KL")
 
 
+def same_vocab(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (then one's sampled ids are the other's)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
 def kl_estimate(log_ratios: list[float]) -> KlEstimate:
     n = len(log_ratios)
     mean = sum(log_ratios) / n
@@ -353,16 +362,19 @@ def kl_estimate(log_ratios: list[float]) -> KlEstimate:
 def policy_kl(policy, ref, tokenizer, rows: list[dict], ref_tokenizer=None, *, max_new_tokens: int = 48,
               batch_size: int = 64, seed: int = 0) -> KlEstimate:
     """KL(policy || ref) per answer, estimated from answers sampled from the policy at temperature 1
-    (kl_estimate). Text-based, so the two may tokenize differently. `ref=None` means a LoRA policy's
-    own base: the policy with its adapter switched off."""
+    (kl_estimate). The sampled tokens are scored as sampled when the two share a vocabulary; otherwise
+    from text, so the two may tokenize differently. `ref=None` means a LoRA policy's own base: the
+    policy with its adapter switched off."""
     gens = answer(policy, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=1.0, seed=seed)
     prompts, texts, stops = [r["prompt"] for r in rows], [g.text for g in gens], [g.stop_token for g in gens]
-    lp = sequence_logprobs(policy, tokenizer, prompts, texts, stops)
+    ref_tokenizer = ref_tokenizer or tokenizer
+    ids = [g.ids for g in gens] if same_vocab(tokenizer, ref_tokenizer) else None
+    lp = sequence_logprobs(policy, tokenizer, prompts, texts, stops, ids=ids)
     if ref is None:
         with policy.disable_adapter():
-            lq = sequence_logprobs(policy, tokenizer, prompts, texts, stops)
+            lq = sequence_logprobs(policy, tokenizer, prompts, texts, stops, ids=ids)
     else:
-        lq = sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, texts, stops)
+        lq = sequence_logprobs(ref, ref_tokenizer, prompts, texts, stops, ids=ids)
     return kl_estimate([a - b for a, b in zip(lp, lq, strict=True)])
 
 

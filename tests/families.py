@@ -26,12 +26,8 @@ from transformers import (
     Qwen3Config,
 )
 
-CHATML = """{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}
-{%- for message in messages %}{%- if message['role'] != 'system' %}
-{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}
-{%- endif %}{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+TEMPLATES = Path(__file__).resolve().parent.parent / "data_templates"  # the families' formats, as shipped
+CHATML = (TEMPLATES / "qwen.jinja").read_text()
 
 LLAMA3 = """{{- bos_token }}{%- for message in messages %}
 {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}
@@ -45,12 +41,7 @@ MISTRAL = """{%- if messages[0]['role'] == 'system' %}{%- set system = messages[
 {%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}
 {%- else %}{{- raise_exception('Conversation roles must be user or assistant') }}{%- endif %}{%- endfor %}"""
 
-GEMMA = """{%- if messages[0]['role'] == 'system' %}{%- set first = messages[0]['content'] + '\\n\\n' %}{%- set loop_messages = messages[1:] %}
-{%- else %}{%- set first = '' %}{%- set loop_messages = messages %}{%- endif %}
-{{- bos_token }}{%- for message in loop_messages %}
-{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}
-{{- '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}
-{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"""
+GEMMA = (TEMPLATES / "gemma.jinja").read_text()
 
 # Tulu-style turns, as used by chat fine-tunes of Pythia / GPT-NeoX: the answer ends with <|endoftext|>.
 NEOX = """{%- for message in messages %}

@@ -59,6 +59,8 @@ def test_smoke_bench_ppo_against_trl_1_12_in_its_own_venv(tmp_path, small_world,
     rows = {r["what"]: r for r in report["rows"]}
     ppo = rows["seconds per iteration vs TRL 1.12.0 PPOTrainer"]
     assert ppo["ours"] > 0 and ppo["theirs"] > 0 and "gold after 2 iterations" in ppo["note"]
+    gold = rows["gold after 2 iterations, mean over seeds vs TRL"]
+    assert 0 <= gold["ours"] <= 1 and 0 <= gold["theirs"] <= 1 and gold["met"] in (True, False)
     assert rows["rollout generation tokens/s vs bare model.generate"]["ratio"] > 0
     assert (tmp_path / "venv" / ".installed").exists()
     trl = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", "import trl; print(trl.__version__)"],
