@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 from conftest import cli, write
@@ -66,3 +67,44 @@ output_dir: {tmp_path / 'out'}
     assert proc.returncode == 2
     assert "c.jsonl:2: row is missing 'text'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_a_base_of_another_family_built_offline_is_pretrained_then_chats_in_its_own_format(tmp_path, small_world, family):
+    """`make family`'s first steps, small: scripts/build_base.py writes a randomly initialised checkpoint
+    with the family's traits (tied embeddings, a sliding-window layer, its special tokens and shipped
+    template), `posttrain pretrain` continues it on the corpus (model.path), and SFT with the model's
+    own template trains its end-of-turn token, which is not its EOS."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    init = tmp_path / "init"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_base.py"), "--family", family, "--corpus",
+                    str(small_world / "pretrain.jsonl"), "--out", str(init), "--layers", "2", "--width", "64",
+                    "--heads", "2", "--window", "16"], check=True, cwd=ROOT)
+    config = json.loads((init / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["sliding_window"] == 16
+    assert config["model_type"] == {"gemma3": "gemma3_text", "qwen3": "qwen3"}[family]
+    base = tmp_path / "base"
+    cli("pretrain", str(write(tmp_path / "base.yaml", f"""\
+stage: pretrain
+model: {{path: {init}}}
+data: {{train: {small_world}/pretrain.jsonl, max_length: 128}}
+train: {{max_steps: 30, batch_size: 8, lr: 3.0e-3}}
+output_dir: {base}
+""")), check=True)
+    assert json.loads((base / "config.json").read_text())["model_type"] == config["model_type"]
+    sft = tmp_path / "sft"
+    cli("sft", str(write(tmp_path / "sft.yaml", f"""\
+stage: sft
+model: {{path: {base}}}
+data: {{train: {small_world}/sft_train.jsonl, max_length: 128, limit: 64}}
+train: {{max_steps: 8, batch_size: 8, lr: 1.0e-3}}
+output_dir: {sft}
+""")), check=True)
+    tok = AutoTokenizer.from_pretrained(sft)
+    eot = {"gemma3": "<end_of_turn>", "qwen3": "<|im_end|>"}[family]
+    stops = json.loads((sft / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.eos_token != eot and tok.convert_tokens_to_ids(eot) in (stops if isinstance(stops, list) else [stops])
