@@ -847,6 +847,71 @@ def env(tmp_path, small_world, tiny_base, tiny_sft, tiny_reward, tiny_lora) -> E
     return Env(tmp_path, small_world, tiny_base, tiny_sft, tiny_reward, tiny_lora)
 
 
+# --- a fuzz pass: every file a command reads, given hostile contents ----------------------------------
+# Each slot is a file argument of a command (a recipe's data file, template, model path; a command's own
+# path argument); each content is something a user's disk can hold there. Every pair must end in the
+# same one clear line naming the file, never the last-resort handler.
+
+FUZZ_CONTENTS = {
+    "empty": b"",
+    "binary": bytes(range(256)) * 4,
+    "not_utf8": b'{"prompt": "caf\xe9"}\n',
+    "truncated_json": b'{"prompt": "Where does Ada',
+    "json_scalar": b"42\n",
+    "json_list": b'[{"prompt": "Hi"}]\n',
+    "directory": None,  # a directory where a file is expected (or a file's place taken by an empty one)
+}
+
+
+def _data_recipe(stage: str, body: str = ""):
+    """`stage` from the session's SFT model on the data file p; `body` may name {reward}."""
+    return lambda env, p: [stage, env.recipe(f"stage: {stage}\nmodel: {{path: {env.sft_dir}}}\n"
+                                             f"data: {{train: {p}, max_length: 128}}\n"
+                                             f"{body.format(reward=env.reward)}output_dir: {env.out}\n")]
+
+
+FUZZ_SLOTS = {
+    "sft_data": lambda env, p: ["sft", env.sft(train=str(p))],
+    "sft_eval_data": lambda env, p: ["sft", env.recipe(
+        f"stage: sft\nmodel: {{path: {env.base}, chat_template: {CHATML}}}\n"
+        f"data: {{train: {env.world / 'sft_train.jsonl'}, eval: {p}, max_length: 128, limit: 16}}\n"
+        f"train: {{max_steps: 1, batch_size: 4}}\noutput_dir: {env.out}\n")],
+    "sft_chat_template": lambda env, p: ["sft", env.recipe(
+        f"stage: sft\nmodel: {{path: {env.base}, chat_template: {p}}}\n"
+        f"data: {{train: {env.world / 'sft_train.jsonl'}, max_length: 128, limit: 16}}\noutput_dir: {env.out}\n")],
+    "sft_model": lambda env, p: ["sft", env.sft(model=str(p))],
+    "reward_data": _data_recipe("reward"),
+    "dpo_data": _data_recipe("dpo"),
+    "classify_data": lambda env, p: ["classify", env.classify(str(p))],
+    "ppo_prompts": _data_recipe("ppo", "ppo: {{reward_model: {reward}}}\n"),
+    "grpo_prompts": _data_recipe("grpo", "grpo: {{rewards: [{{source: format}}]}}\n"),
+    "pretrain_corpus": lambda env, p: ["pretrain", env.recipe(
+        f"stage: pretrain\nmodel: {{config: {{n_layer: 1, n_embd: 32, n_head: 2}}}}\ndata: {{train: {p}, max_length: 64}}\n"
+        f"train: {{max_steps: 1}}\noutput_dir: {env.out}\n")],
+    "compare_suite": lambda env, p: ["compare", f"sft={env.sft_dir}", "--suite", str(p), "--out", str(env.out)],
+    "compare_model": lambda env, p: _compare(env, f"x={p}", "--out", str(env.out)),
+    "chat_model": lambda env, p: ["chat", str(p)],
+    "merge_run": lambda env, p: ["merge", str(p), "--out", str(env.out)],
+    "nanogpt_checkpoint": lambda env, p: ["import-nanogpt", str(p), str(env.out)],
+}
+
+
+def _fuzz(slot: str, content: str):
+    def build(env):
+        p = env.tmp / f"hostile_{content}"
+        if FUZZ_CONTENTS[content] is None:
+            p.mkdir()
+        else:
+            p.write_bytes(FUZZ_CONTENTS[content])
+        return FUZZ_SLOTS[slot](env, p)
+    return build
+
+
+for _slot in FUZZ_SLOTS:
+    for _content in FUZZ_CONTENTS:
+        CASES.append(Case("fuzz", f"{_slot}-{_content}", _fuzz(_slot, _content), "hostile_"))
+
+
 def test_there_are_150_cases_or_more():
     kinds = Counter(c.kind for c in CASES)
     assert len(CASES) >= 150, kinds
@@ -890,7 +955,7 @@ def _snapshot(root: Path) -> dict[str, int]:
 def test_there_are_enough_cases_of_every_kind():
     kinds = Counter(c.kind for c in CASES)
     assert kinds["recipe-file"] + kinds["recipe-value"] + kinds["override"] >= 50
-    assert kinds["data"] >= 30 and kinds["checkpoint"] >= 20
+    assert kinds["data"] >= 30 and kinds["checkpoint"] >= 20 and kinds["fuzz"] >= 100
     commands = {"chat", "compare", "merge", "import-nanogpt", "show-mask", "validate"}
     assert commands <= set(kinds), commands - set(kinds)
 

@@ -108,3 +108,22 @@ output_dir: {sft}
     eot = {"gemma3": "<end_of_turn>", "qwen3": "<|im_end|>"}[family]
     stops = json.loads((sft / "generation_config.json").read_text())["eos_token_id"]
     assert tok.eos_token != eot and tok.convert_tokens_to_ids(eot) in (stops if isinstance(stops, list) else [stops])
+
+
+def test_documents_open_with_the_bos_where_it_is_its_own_token(tiny_base, tmp_path, small_world):
+    """Gemma and Llama are pretrained with <bos> before every document, and their templates and the fact
+    probes start with it; a GPT-2 tokenizer's BOS is its EOS, which already separates the documents."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from posttrain.stages.pretrain import documents
+
+    gpt2 = AutoTokenizer.from_pretrained(tiny_base)
+    assert documents(gpt2, ["Ada Lang lives in Paris."]) == [gpt2.encode("Ada Lang lives in Paris.") + [gpt2.eos_token_id]]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_base.py"), "--corpus", str(small_world / "pretrain.jsonl"),
+                    "--out", str(tmp_path / "gemma"), "--layers", "2", "--width", "32", "--heads", "2"], check=True, cwd=ROOT)
+    gemma = AutoTokenizer.from_pretrained(tmp_path / "gemma")
+    ids = gemma.encode("Ada Lang lives in Paris.", add_special_tokens=False)
+    assert documents(gemma, ["Ada Lang lives in Paris."]) == [[gemma.bos_token_id, *ids, gemma.eos_token_id]]

@@ -73,6 +73,15 @@ def build_tokenizer(recipe: PretrainRecipe, texts: list[str]):
     return tok
 
 
+def documents(tok, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, closed by the EOS and, for a tokenizer whose BOS is its own token (Gemma, Llama),
+    opened by the BOS, as those families are pretrained: their chat templates and posttrain's fact probes
+    start with <bos>, which a model pretrained without it has never seen (a Gemma 3 base pretrained on
+    the world without it recalled 72% of facts from a <bos>-led probe)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else []
+    return [bos + ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
 def blocks(doc_ids: list[list[int]], block: int, passes: int, seed: int) -> np.ndarray:
     """`passes` reshuffled passes over the documents, each cut into fixed-length blocks."""
     rng = np.random.default_rng(seed)
@@ -92,7 +101,7 @@ def main(recipe: PretrainRecipe, force: bool = False) -> Path:
     console = Console()
 
     tok = build_tokenizer(recipe, texts)
-    doc_ids = [ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    doc_ids = documents(tok, texts)
     n_tokens = sum(len(d) for d in doc_ids)
     block = recipe.data.max_length
     per_pass = n_tokens // block
@@ -108,7 +117,7 @@ def main(recipe: PretrainRecipe, force: bool = False) -> Path:
     if recipe.data.eval:
         ev = datalib.load(recipe.data.eval)
         datalib.validate(ev, "text")
-        ev_ids = [ids + [tok.eos_token_id] for ids in tok([r["text"] for r in ev], add_special_tokens=False)["input_ids"]]
+        ev_ids = documents(tok, [r["text"] for r in ev])
         eb = blocks(ev_ids, block, 1, recipe.seed)
         eval_ds = Dataset.from_dict({"input_ids": eb, "labels": eb})
 
