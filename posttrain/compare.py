@@ -196,7 +196,7 @@ def measure(name: str, model, tok, rows: list[dict], suite: Suite, *, verifier=N
         ref_model, ref_tok = ref
         if ref_model is model:
             m["kl_to_ref"] = 0.0
-        else:  # E_{y ~ model}[log p_model(y|x) - log p_ref(y|x)], from the text of the model's own samples
+        else:  # E_{y ~ model}[log p_model(y|x) - log p_ref(y|x)], over the model's own samples
             diffs, shared = [], same_vocab(tok, ref_tok)  # shared: the sampled ids are scored as sampled
             for gens in sampled:
                 args = (prompts, [g.text for g in gens], [g.stop_token for g in gens])
