@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,6 +32,32 @@ FAMILIES = {
               "roles": {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
               "template": "qwen.jinja"},
 }
+
+
+def fail(message: str) -> None:
+    print(f"build_base: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_corpus(path: Path) -> list[str]:
+    """The `text` of every JSON line of `path`; one line naming the file and line when it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--corpus {path}: cannot be read as UTF-8 text ({type(e).__name__}); run `make world` or name a JSON-lines file")
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                texts.append(row["text"] if isinstance(row["text"], str) else None)
+            except (json.JSONDecodeError, TypeError, KeyError):
+                texts.append(None)
+            if texts[-1] is None:
+                fail(f"--corpus {path}:{n}: expected a JSON object with a string `text`")
+    if not texts:
+        fail(f"--corpus {path}: no text rows")
+    return texts
 
 
 def tokenizer(family: str, texts: list[str], vocab: int) -> PreTrainedTokenizerFast:
@@ -73,10 +100,10 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"build_base: {out} exists and is not empty; choose another --out")
+        fail(f"{out} exists and is not empty; choose another --out")
+    texts = read_corpus(Path(a.corpus))
     import torch
 
-    texts = [json.loads(line)["text"] for line in Path(a.corpus).read_text().splitlines() if line.strip()]
     tok = tokenizer(a.family, texts, a.vocab)
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_config(config(a.family, tok, a.layers, a.width, a.heads, a.context, a.window))
